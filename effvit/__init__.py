@@ -1,0 +1,33 @@
+"""effvit: fused kernels for the attention layers of efficient vision transformers.
+
+    import effvit
+    y = effvit.shift(x, n_div=12)                 # functional, x: [B, C, H, W]
+    block = effvit.nn.ShiftBlock(96, n_div=12)    # drop-in module, official parameter names
+    with effvit.use_backend("torch"): ...         # reference PyTorch code instead of kernels
+
+`python -m effvit.info` shows how effvit was built and which backend serves which op here.
+"""
+
+from effvit import _extension  # first: loads effvit._C, which registers the C++ ops
+from effvit.backends import BackendNotSupported, explain, get_backend, set_backend, use_backend
+from effvit.ops import shift, shift_group_norm
+from effvit import nn, reference  # noqa: E402
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BackendNotSupported",
+    "explain",
+    "get_backend",
+    "nn",
+    "reference",
+    "set_backend",
+    "shift",
+    "shift_group_norm",
+    "use_backend",
+]
+
+
+def extension_available() -> bool:
+    """Whether the compiled CPU/CUDA kernels are loaded (see effvit._extension.missing_reason())."""
+    return _extension.available()

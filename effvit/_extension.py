@@ -1,0 +1,74 @@
+"""Loads the compiled kernels (effvit._C) if they were built, and says what is missing if not.
+
+effvit imports without them: the reference (torch) backend and the Triton kernels still run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from typing import Any
+
+import torch
+
+BUILD_HINT = (
+    "build it with `pip install --no-build-isolation -e .` in the effvit source tree "
+    "(or `make build`), against the torch you run"
+)
+
+_C: Any = None
+load_error: str | None = None
+build_info: dict[str, Any] = {}
+
+try:
+    from effvit import _C  # noqa: F401  (registers the effvit::* ops)
+except ImportError as e:  # not built, or built against another torch (undefined symbols)
+    _C = None
+    load_error = str(e)
+
+_info_path = os.path.join(os.path.dirname(__file__), "_build_info.json")
+if os.path.exists(_info_path):
+    try:
+        with open(_info_path) as f:
+            build_info = json.load(f)
+    except (OSError, ValueError):
+        build_info = {}
+
+
+def _torch_release(version: str) -> str:
+    return version.split("+")[0]
+
+
+if _C is not None and build_info.get("torch") and build_info["torch"] != torch.__version__:
+    warnings.warn(
+        f"effvit._C was built against torch {build_info['torch']} but torch {torch.__version__} is running; "
+        f"its kernels may crash or fail to load: rebuild effvit ({BUILD_HINT}).",
+        RuntimeWarning,
+        stacklevel=2,
+    )
+
+
+def available() -> bool:
+    """Whether the compiled CPU/CUDA kernels are loaded."""
+    return _C is not None
+
+
+def missing_reason() -> str:
+    """Why the compiled kernels are not available, in words a user can act on."""
+    if _C is not None:
+        return ""
+    if load_error and "No module named" in load_error:
+        return f"effvit's compiled extension (effvit._C) is not built; {BUILD_HINT}"
+    return f"effvit._C failed to load ({load_error}); {BUILD_HINT}"
+
+
+def has_kernel(op: str, dispatch_key: str) -> bool:
+    """Whether effvit::<op> has a kernel for a dispatch key ("CPU", "CUDA")."""
+    if _C is None:
+        return False
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"effvit::{op}", dispatch_key)
+
+
+def cpu_isa() -> str | None:
+    return _C.cpu_isa() if _C is not None else None

@@ -1,0 +1,6 @@
+"""Drop-in nn.Modules with the official parameter names, backed by effvit's kernels."""
+
+from effvit.nn.common import DropPath
+from effvit.nn.shift import Shift, ShiftBlock
+
+__all__ = ["DropPath", "Shift", "ShiftBlock"]
