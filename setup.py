@@ -133,6 +133,12 @@ from torch.utils import cpp_extension  # noqa: E402  (reads CUDA_HOME at import)
 debug = env_flag("EFFVIT_DEBUG")
 opt = ["-O0", "-g"] if debug else ["-O3"]
 cxx_flags = opt + ["-fopenmp-simd", "-fvisibility=hidden"]
+link_flags = []
+if torch.backends.openmp.is_available() and sys.platform.startswith("linux"):
+    # at::parallel_for is an inline template that runs serially unless the extension itself is
+    # compiled with OpenMP; libgomp.so.1 then resolves to the copy torch has already loaded
+    cxx_flags.append("-fopenmp")
+    link_flags.append("-fopenmp")
 nvcc_flags = opt + ["-lineinfo", "--expt-relaxed-constexpr"]
 include_dirs = [os.path.join(ROOT, "csrc")]
 
@@ -159,6 +165,7 @@ ext = Extension(
     sources=sources,
     include_dirs=include_dirs,
     extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags} if want_cuda else {"cxx": cxx_flags},
+    extra_link_args=link_flags,
     py_limited_api=False,
 )
 

@@ -10,7 +10,7 @@
 
 from effvit import _extension  # first: loads effvit._C, which registers the C++ ops
 from effvit.backends import BackendNotSupported, explain, get_backend, set_backend, use_backend
-from effvit.ops import shift, shift_group_norm
+from effvit.ops.shift import shift, shift_group_norm
 from effvit import nn, reference  # noqa: E402
 
 __version__ = "0.1.0"

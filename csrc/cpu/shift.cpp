@@ -29,7 +29,8 @@ namespace effvit {
 namespace cpu {
 namespace {
 
-constexpr int64_t kTaskElements = 1 << 15;
+constexpr int64_t kTaskElements = 1 << 15;  // values per task when samples are split
+constexpr int64_t kRunElements = 1 << 14;   // values per line of whole planes
 
 // Strides of a logical [B, C, H, W] tensor.
 struct Strides4 {
@@ -41,16 +42,37 @@ Strides4 strides_of(const at::Tensor& bchw) {
   return {bchw.stride(0), bchw.stride(1), bchw.stride(2), bchw.stride(3)};
 }
 
-// How a [B, C, H, W] tensor is walked, and the shift applied while walking (group == 0: no shift).
+// How a [B, C, H, W] tensor is walked, and the shift applied while walking.
+//   kPlanes: lines are runs of whole channel planes of one shift group, when rows follow each other in
+//            memory (NCHW): a shift is then one flat copy plus a row or column of zeros per plane
+//   kRow:    one line per row of one channel (W values), for any other strides
+//   kPixel:  one line per pixel (C values), when channels are innermost in memory (channels-last)
+// A walk with shift == false visits the same lines without moving anything, so passes over the input
+// and over the output of one op share a partition into tasks.
+enum class WalkKind { kPlanes, kRow, kPixel };
+
 struct LineWalk {
   int64_t B, C, H, W;
-  int64_t group;
-  bool reverse;
-  bool channel_inner;  // lines are pixels (C values) instead of rows (W values)
+  int64_t group;         // C / n_div
+  bool shift;            // apply the shift (else an identity walk over the same lines)
+  bool reverse;          // the adjoint shift
+  WalkKind kind;
+  int64_t run_planes;    // kPlanes: planes per line (1 unless channel planes follow each other too)
 
-  int64_t lines_per_sample() const { return channel_inner ? H * W : C * H; }
-  int64_t length() const { return channel_inner ? C : W; }
-  int64_t inner_stride(const Strides4& s) const { return channel_inner ? s.c : s.w; }
+  int64_t lines_per_sample() const {
+    if (kind == WalkKind::kRow) return C * H;
+    if (kind == WalkKind::kPixel) return H * W;
+    int64_t lines = 0;
+    for (int64_t k = 0; k < 5; ++k) {
+      int64_t c0, c1;
+      shift_group_range(k, group, C, &c0, &c1);
+      if (c1 > c0) lines += (c1 - c0 + run_planes - 1) / run_planes;
+    }
+    return lines;
+  }
+  int64_t max_length() const { return kind == WalkKind::kPlanes ? run_planes * H * W : kind == WalkKind::kRow ? W : C; }
+  int64_t inner_stride(const Strides4& s) const { return kind == WalkKind::kPixel ? s.c : s.w; }
+  ShiftOffset offset(int64_t c) const { return shift ? shift_offset(c, group, reverse) : ShiftOffset{0, 0}; }
 };
 
 struct Segment {
@@ -59,40 +81,74 @@ struct Segment {
   int64_t c, h, w;     // source coordinates of the segment's first value
 };
 
+// A line: up to five segments, then (kPlanes) a row or a column of zeros in each of its planes, which
+// a flat copy filled with values from the neighbouring plane or row.
 struct Line {
   int64_t c, h, w;  // coordinates of the line's first value
+  int64_t planes;   // channel planes in the line (kPlanes), else 1
+  int64_t length;
   int n;
   Segment seg[5];
+  int64_t zero_row, zero_col;  // -1: none
 };
 
 EFFVIT_ALWAYS_INLINE void make_line(const LineWalk& lw, int64_t l, Line* line) {
   line->n = 0;
-  if (lw.channel_inner) {
+  line->planes = 1;
+  line->zero_row = line->zero_col = -1;
+  if (lw.kind == WalkKind::kPixel) {
     const int64_t h = l / lw.W, w = l % lw.W;
-    line->c = 0, line->h = h, line->w = w;
+    line->c = 0, line->h = h, line->w = w, line->length = lw.C;
     for (int64_t k = 0; k < 5; ++k) {
       int64_t c0, c1;
       shift_group_range(k, lw.group, lw.C, &c0, &c1);
       if (c1 <= c0) continue;
-      const ShiftOffset off = shift_offset(c0, lw.group, lw.reverse);
+      const ShiftOffset off = lw.offset(c0);
       const int64_t sh = h + off.dh, sw = w + off.dw;
       const bool valid = sh >= 0 && sh < lw.H && sw >= 0 && sw < lw.W;
       line->seg[line->n++] = {c0, c1 - c0, valid, c0, sh, sw};
     }
     return;
   }
-  const int64_t c = l / lw.H, h = l % lw.H;
-  line->c = c, line->h = h, line->w = 0;
-  const ShiftOffset off = shift_offset(c, lw.group, lw.reverse);
-  const int64_t sh = h + off.dh;
-  if (sh < 0 || sh >= lw.H) {
-    line->seg[line->n++] = {0, lw.W, false, c, 0, 0};
+  if (lw.kind == WalkKind::kRow) {
+    const int64_t c = l / lw.H, h = l % lw.H;
+    line->c = c, line->h = h, line->w = 0, line->length = lw.W;
+    const ShiftOffset off = lw.offset(c);
+    const int64_t sh = h + off.dh;
+    if (sh < 0 || sh >= lw.H) {
+      line->seg[line->n++] = {0, lw.W, false, c, 0, 0};
+      return;
+    }
+    const int64_t lo = std::max<int64_t>(0, -off.dw), hi = std::min<int64_t>(lw.W, lw.W - off.dw);
+    if (lo > 0) line->seg[line->n++] = {0, lo, false, c, 0, 0};
+    if (hi > lo) line->seg[line->n++] = {lo, hi - lo, true, c, sh, lo + off.dw};
+    if (hi < lw.W) line->seg[line->n++] = {hi, lw.W - hi, false, c, 0, 0};
     return;
   }
-  const int64_t lo = std::max<int64_t>(0, -off.dw), hi = std::min<int64_t>(lw.W, lw.W - off.dw);
+  // kPlanes: find the run, then out[i] = x[i + d] over the flattened planes of the run
+  int64_t c = 0, planes = 1;
+  for (int64_t k = 0, rest = l; k < 5; ++k) {
+    int64_t c0, c1;
+    shift_group_range(k, lw.group, lw.C, &c0, &c1);
+    if (c1 <= c0) continue;
+    const int64_t runs = (c1 - c0 + lw.run_planes - 1) / lw.run_planes;
+    if (rest < runs) {
+      c = c0 + rest * lw.run_planes;
+      planes = std::min(lw.run_planes, c1 - c);
+      break;
+    }
+    rest -= runs;
+  }
+  const int64_t n = planes * lw.H * lw.W;
+  line->c = c, line->h = 0, line->w = 0, line->planes = planes, line->length = n;
+  const ShiftOffset off = lw.offset(c);
+  const int64_t d = off.dh * lw.W + off.dw;
+  const int64_t lo = std::clamp<int64_t>(-d, 0, n), hi = std::clamp<int64_t>(n - d, lo, n);
   if (lo > 0) line->seg[line->n++] = {0, lo, false, c, 0, 0};
-  if (hi > lo) line->seg[line->n++] = {lo, hi - lo, true, c, sh, lo + off.dw};
-  if (hi < lw.W) line->seg[line->n++] = {hi, lw.W - hi, false, c, 0, 0};
+  if (hi > lo) line->seg[line->n++] = {lo, hi - lo, true, c + (lo + d) / (lw.H * lw.W), ((lo + d) / lw.W) % lw.H, (lo + d) % lw.W};
+  if (hi < n) line->seg[line->n++] = {hi, n - hi, false, c, 0, 0};
+  if (off.dh != 0) line->zero_row = off.dh > 0 ? lw.H - 1 : 0;
+  if (off.dw != 0) line->zero_col = off.dw > 0 ? lw.W - 1 : 0;
 }
 
 template <typename T>
@@ -104,9 +160,55 @@ EFFVIT_ALWAYS_INLINE void fill_zero(T* dst, int64_t stride, int64_t n) {
   for (int64_t j = 0; j < n; ++j) dst[j * stride] = T(0);
 }
 
+// Zeroes, in each plane of a kPlanes line, the row or column that its flat copy took from a neighbour.
+template <typename T>
+EFFVIT_ALWAYS_INLINE void zero_edges(const LineWalk& lw, const Line& line, T* line_start, int64_t stride) {
+  if (line.zero_row < 0 && line.zero_col < 0) return;
+  for (int64_t p = 0; p < line.planes; ++p) {
+    T* plane = line_start + p * lw.H * lw.W * stride;
+    if (line.zero_row >= 0) fill_zero(plane + line.zero_row * lw.W * stride, stride, lw.W);
+    if (line.zero_col >= 0)
+      for (int64_t h = 0; h < lw.H; ++h) plane[(h * lw.W + line.zero_col) * stride] = T(0);
+  }
+}
+
+template <typename T>
+EFFVIT_ALWAYS_INLINE void copy_values(T* dst, int64_t dst_stride, const T* src, int64_t src_stride, int64_t n) {
+  if (dst_stride == 1 && src_stride == 1) {
+    if (n >= 256) {
+      std::memcpy(static_cast<void*>(dst), static_cast<const void*>(src), n * sizeof(T));
+    } else {  // short segments (pixels of channels-last tensors): no call
+#pragma omp simd
+      for (int64_t j = 0; j < n; ++j) dst[j] = src[j];
+    }
+    return;
+  }
+  for (int64_t j = 0; j < n; ++j) dst[j * dst_stride] = src[j * src_stride];
+}
+
+// Lines of whole planes when, in every tensor the op touches, rows follow each other in memory (and
+// runs of several planes when planes follow each other too); else rows, or pixels for channels-last.
+LineWalk make_walk(const at::Tensor& out_bchw, std::initializer_list<const at::Tensor*> others, int64_t group,
+                   bool shift, bool reverse) {
+  const int64_t B = out_bchw.size(0), C = out_bchw.size(1), H = out_bchw.size(2), W = out_bchw.size(3);
+  if (C > 1 && out_bchw.stride(1) < out_bchw.stride(3)) return {B, C, H, W, group, shift, reverse, WalkKind::kPixel, 1};
+  bool rows_follow = true, planes_follow = true;
+  auto visit = [&](const at::Tensor& t) {
+    rows_follow = rows_follow && (H == 1 || t.stride(2) == W * t.stride(3));
+    planes_follow = planes_follow && (C == 1 || t.stride(1) == H * W * t.stride(3));
+  };
+  visit(out_bchw);
+  for (const at::Tensor* t : others)
+    if (t != nullptr && t->defined()) visit(*t);
+  if (!rows_follow) return {B, C, H, W, group, shift, reverse, WalkKind::kRow, 1};
+  const int64_t run = planes_follow ? std::max<int64_t>(1, kRunElements / std::max<int64_t>(H * W, 1)) : 1;
+  return {B, C, H, W, group, shift, reverse, WalkKind::kPlanes, run};
+}
+
 // ---- shift: out = shift(x), optionally summing the shifted values (for GroupNorm) ----------------
 
-// `Stats` is std::true_type to also sum the shifted values into sums[0] (x) and sums[1] (x^2).
+// `Stats` is std::true_type to also add the sums of the written values and of their squares to
+// sums[0] and sums[1]; they are read back from the line just written, which is still in cache.
 template <typename Stats, typename scalar_t>
 EFFVIT_ALWAYS_INLINE void shift_lines_body(Stats, const scalar_t* x, Strides4 xs, scalar_t* out, Strides4 os, LineWalk lw,
                                            int64_t b, int64_t l_begin, int64_t l_end, double* sums) {
@@ -119,32 +221,25 @@ EFFVIT_ALWAYS_INLINE void shift_lines_body(Stats, const scalar_t* x, Strides4 xs
     make_line(lw, l, &line);
     scalar_t* o = out + os.offset(b, line.c, line.h, line.w);
     for (int i = 0; i < line.n; ++i) {
-      const Segment& s = line.seg[i];
-      scalar_t* dst = o + s.start * oi;
-      if (!s.valid) {
-        fill_zero(dst, oi, s.len);
-        continue;
-      }
-      const scalar_t* src = x + xs.offset(b, s.c, s.h, s.w);
-      if (xi == 1 && oi == 1) {
-        std::memcpy(static_cast<void*>(dst), static_cast<const void*>(src), s.len * sizeof(scalar_t));
-        if (kStats) {
+      const Segment& sg = line.seg[i];
+      if (sg.valid) copy_values(o + sg.start * oi, oi, x + xs.offset(b, sg.c, sg.h, sg.w), xi, sg.len);
+      else fill_zero(o + sg.start * oi, oi, sg.len);
+    }
+    zero_edges(lw, line, o, oi);
+    if (kStats) {
+      const int64_t n = line.length;
+      if (oi == 1) {
 #pragma omp simd reduction(+ : sum, sum_sq)
-          for (int64_t j = 0; j < s.len; ++j) {
-            const double v = static_cast<opmath_t>(src[j]);
-            sum += v;
-            sum_sq += v * v;
-          }
+        for (int64_t j = 0; j < n; ++j) {
+          const double v = static_cast<opmath_t>(o[j]);
+          sum += v;
+          sum_sq += v * v;
         }
       } else {
-        for (int64_t j = 0; j < s.len; ++j) {
-          const scalar_t v = src[j * xi];
-          dst[j * oi] = v;
-          if (kStats) {
-            const double d = static_cast<opmath_t>(v);
-            sum += d;
-            sum_sq += d * d;
-          }
+        for (int64_t j = 0; j < n; ++j) {
+          const double v = static_cast<opmath_t>(o[j * oi]);
+          sum += v;
+          sum_sq += v * v;
         }
       }
     }
@@ -153,34 +248,53 @@ EFFVIT_ALWAYS_INLINE void shift_lines_body(Stats, const scalar_t* x, Strides4 xs
 }
 EFFVIT_CPU_ISA_VARIANTS(shift_lines, shift_lines_body)
 
+// Calls fn(offset along the line, count, channel, channel step) for the pieces of a line [begin, end)
+// over which the channel is constant (channel step 0) or advances by one per value (pixels).
+template <typename F>
+EFFVIT_ALWAYS_INLINE void for_each_channel_piece(const LineWalk& lw, const Line& line, int64_t begin, int64_t end,
+                                                 F&& fn) {
+  if (lw.kind == WalkKind::kPixel) {
+    fn(begin, end - begin, begin, int64_t(1));
+  } else if (lw.kind == WalkKind::kRow) {
+    fn(begin, end - begin, line.c, int64_t(0));
+  } else {
+    const int64_t hw = lw.H * lw.W;
+    for (int64_t pos = begin; pos < end;) {
+      const int64_t stop = std::min(end, (pos / hw + 1) * hw);
+      fn(pos, stop - pos, line.c + pos / hw, int64_t(0));
+      pos = stop;
+    }
+  }
+}
+
 // ---- per-channel affine: y = s * a[c] + shift[c] (the GroupNorm output) ---------------------------
 
 template <typename scalar_t, typename opmath_t>
 EFFVIT_ALWAYS_INLINE void affine_lines_body(const scalar_t* s, Strides4 ss, scalar_t* y, Strides4 ys, LineWalk lw,
                                             int64_t b, int64_t l_begin, int64_t l_end, const opmath_t* a,
                                             const opmath_t* shift) {
-  const int64_t si = lw.inner_stride(ss), yi = lw.inner_stride(ys), n = lw.length();
-  const bool contiguous = si == 1 && yi == 1;
+  const int64_t si = lw.inner_stride(ss), yi = lw.inner_stride(ys);
+  Line line;
   for (int64_t l = l_begin; l < l_end; ++l) {
-    const int64_t c = lw.channel_inner ? 0 : l / lw.H;
-    const int64_t h = lw.channel_inner ? l / lw.W : l % lw.H;
-    const int64_t w = lw.channel_inner ? l % lw.W : 0;
-    const scalar_t* src = s + ss.offset(b, c, h, w);
-    scalar_t* dst = y + ys.offset(b, c, h, w);
-    if (lw.channel_inner && contiguous) {
-#pragma omp simd
-      for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<scalar_t>(static_cast<opmath_t>(src[j]) * a[j] + shift[j]);
-    } else if (lw.channel_inner) {
-      for (int64_t j = 0; j < n; ++j)
-        dst[j * yi] = static_cast<scalar_t>(static_cast<opmath_t>(src[j * si]) * a[j] + shift[j]);
-    } else if (contiguous) {
+    make_line(lw, l, &line);
+    const scalar_t* src = s + ss.offset(b, line.c, line.h, line.w);
+    scalar_t* dst = y + ys.offset(b, line.c, line.h, line.w);
+    for_each_channel_piece(lw, line, 0, line.length, [&](int64_t pos, int64_t n, int64_t c, int64_t cstep) {
+      const scalar_t* in = src + pos * si;
+      scalar_t* out = dst + pos * yi;
+      if (cstep == 1) {
+        for (int64_t j = 0; j < n; ++j)
+          out[j * yi] = static_cast<scalar_t>(static_cast<opmath_t>(in[j * si]) * a[c + j] + shift[c + j]);
+        return;
+      }
       const opmath_t ac = a[c], sc = shift[c];
+      if (si == 1 && yi == 1) {
 #pragma omp simd
-      for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<scalar_t>(static_cast<opmath_t>(src[j]) * ac + sc);
-    } else {
-      const opmath_t ac = a[c], sc = shift[c];
-      for (int64_t j = 0; j < n; ++j) dst[j * yi] = static_cast<scalar_t>(static_cast<opmath_t>(src[j * si]) * ac + sc);
-    }
+        for (int64_t j = 0; j < n; ++j) out[j] = static_cast<scalar_t>(static_cast<opmath_t>(in[j]) * ac + sc);
+      } else {
+        for (int64_t j = 0; j < n; ++j) out[j * yi] = static_cast<scalar_t>(static_cast<opmath_t>(in[j * si]) * ac + sc);
+      }
+    });
   }
 }
 EFFVIT_CPU_ISA_VARIANTS(affine_lines, affine_lines_body)
@@ -192,20 +306,23 @@ EFFVIT_ALWAYS_INLINE void channel_sums_body(const scalar_t* dy, Strides4 ds, con
                                             LineWalk lw, int64_t b, int64_t l_begin, int64_t l_end,
                                             double* acc /* [C][2]: A, G */) {
   using opmath_t = at::opmath_type<scalar_t>;
-  const int64_t di = lw.inner_stride(ds), si = lw.inner_stride(ss), n = lw.length();
+  const int64_t di = lw.inner_stride(ds), si = lw.inner_stride(ss);
+  Line line;
   for (int64_t l = l_begin; l < l_end; ++l) {
-    const int64_t c = lw.channel_inner ? 0 : l / lw.H;
-    const int64_t h = lw.channel_inner ? l / lw.W : l % lw.H;
-    const int64_t w = lw.channel_inner ? l % lw.W : 0;
-    const scalar_t* g = dy + ds.offset(b, c, h, w);
-    const scalar_t* v = s + ss.offset(b, c, h, w);
-    if (lw.channel_inner) {
-      for (int64_t j = 0; j < n; ++j) {
-        const double gj = static_cast<opmath_t>(g[j * di]);
-        acc[2 * j] += gj * static_cast<opmath_t>(v[j * si]);
-        acc[2 * j + 1] += gj;
+    make_line(lw, l, &line);
+    const scalar_t* g0 = dy + ds.offset(b, line.c, line.h, line.w);
+    const scalar_t* v0 = s + ss.offset(b, line.c, line.h, line.w);
+    for_each_channel_piece(lw, line, 0, line.length, [&](int64_t pos, int64_t n, int64_t c, int64_t cstep) {
+      const scalar_t* g = g0 + pos * di;
+      const scalar_t* v = v0 + pos * si;
+      if (cstep == 1) {
+        for (int64_t j = 0; j < n; ++j) {
+          const double gj = static_cast<opmath_t>(g[j * di]);
+          acc[2 * (c + j)] += gj * static_cast<opmath_t>(v[j * si]);
+          acc[2 * (c + j) + 1] += gj;
+        }
+        return;
       }
-    } else {
       double a_sum = 0, g_sum = 0;
       if (di == 1 && si == 1) {
 #pragma omp simd reduction(+ : a_sum, g_sum)
@@ -223,7 +340,7 @@ EFFVIT_ALWAYS_INLINE void channel_sums_body(const scalar_t* dy, Strides4 ds, con
       }
       acc[2 * c] += a_sum;
       acc[2 * c + 1] += g_sum;
-    }
+    });
   }
 }
 EFFVIT_CPU_ISA_VARIANTS(channel_sums, channel_sums_body)
@@ -243,36 +360,43 @@ EFFVIT_ALWAYS_INLINE void shift_grad_lines_body(const scalar_t* gs, Strides4 gss
     scalar_t* o = dx + dxs.offset(b, line.c, line.h, line.w);
     for (int i = 0; i < line.n; ++i) {
       const Segment& sg = line.seg[i];
-      scalar_t* dst = o + sg.start * oi;
       if (!sg.valid) {
-        fill_zero(dst, oi, sg.len);
+        fill_zero(o + sg.start * oi, oi, sg.len);
         continue;
       }
-      const scalar_t* g_y = gy + gys.offset(b, sg.c, sg.h, sg.w);
-      const scalar_t* v = s + ss.offset(b, sg.c, sg.h, sg.w);
-      const scalar_t* g_s = gs ? gs + gss.offset(b, sg.c, sg.h, sg.w) : nullptr;
-      const opmath_t* pc = p + sg.c;
-      const int64_t pstep = lw.channel_inner ? 1 : 0;
-      if (!lw.channel_inner && gyi == 1 && si == 1 && oi == 1 && (!g_s || gsi == 1)) {
-        const opmath_t pv = pc[0];
-        if (g_s) {
+      // the segment's sources follow each other in every tensor (same walk), so offsets along the
+      // line map to offsets from the segment's first source
+      const scalar_t* gy0 = gy + gys.offset(b, sg.c, sg.h, sg.w) - sg.start * gyi;
+      const scalar_t* v0 = s + ss.offset(b, sg.c, sg.h, sg.w) - sg.start * si;
+      const scalar_t* gs0 = gs ? gs + gss.offset(b, sg.c, sg.h, sg.w) - sg.start * gsi : nullptr;
+      // a shift never changes the channel: the destination's channel indexes p
+      for_each_channel_piece(lw, line, sg.start, sg.start + sg.len, [&](int64_t pos, int64_t n, int64_t c, int64_t cstep) {
+        const scalar_t* g_y = gy0 + pos * gyi;
+        const scalar_t* v = v0 + pos * si;
+        const scalar_t* g_s = gs0 ? gs0 + pos * gsi : nullptr;
+        scalar_t* dst = o + pos * oi;
+        if (cstep == 0 && gyi == 1 && si == 1 && oi == 1 && (!g_s || gsi == 1)) {
+          const opmath_t pv = p[c];
+          if (g_s) {
 #pragma omp simd
-          for (int64_t j = 0; j < sg.len; ++j)
-            dst[j] = static_cast<scalar_t>(static_cast<opmath_t>(g_s[j]) + pv * static_cast<opmath_t>(g_y[j]) + q +
-                                           r * static_cast<opmath_t>(v[j]));
-        } else {
+            for (int64_t j = 0; j < n; ++j)
+              dst[j] = static_cast<scalar_t>(static_cast<opmath_t>(g_s[j]) + pv * static_cast<opmath_t>(g_y[j]) + q +
+                                             r * static_cast<opmath_t>(v[j]));
+          } else {
 #pragma omp simd
-          for (int64_t j = 0; j < sg.len; ++j)
-            dst[j] = static_cast<scalar_t>(pv * static_cast<opmath_t>(g_y[j]) + q + r * static_cast<opmath_t>(v[j]));
+            for (int64_t j = 0; j < n; ++j)
+              dst[j] = static_cast<scalar_t>(pv * static_cast<opmath_t>(g_y[j]) + q + r * static_cast<opmath_t>(v[j]));
+          }
+          return;
         }
-        continue;
-      }
-      for (int64_t j = 0; j < sg.len; ++j) {
-        opmath_t t = pc[j * pstep] * static_cast<opmath_t>(g_y[j * gyi]) + q + r * static_cast<opmath_t>(v[j * si]);
-        if (g_s) t += static_cast<opmath_t>(g_s[j * gsi]);
-        dst[j * oi] = static_cast<scalar_t>(t);
-      }
+        for (int64_t j = 0; j < n; ++j) {
+          opmath_t t = p[c + j * cstep] * static_cast<opmath_t>(g_y[j * gyi]) + q + r * static_cast<opmath_t>(v[j * si]);
+          if (g_s) t += static_cast<opmath_t>(g_s[j * gsi]);
+          dst[j * oi] = static_cast<scalar_t>(t);
+        }
+      });
     }
+    zero_edges(lw, line, o, oi);
   }
 }
 EFFVIT_CPU_ISA_VARIANTS(shift_grad_lines, shift_grad_lines_body)
@@ -287,7 +411,7 @@ struct Tasks {
 Tasks make_tasks(const LineWalk& lw) {
   const int64_t lps = lw.lines_per_sample();
   if (lw.B >= at::get_num_threads() || lps == 0) return {1, std::max<int64_t>(lps, 1)};
-  const int64_t lines = std::max<int64_t>(1, kTaskElements / std::max<int64_t>(lw.length(), 1));
+  const int64_t lines = std::max<int64_t>(1, kTaskElements / std::max<int64_t>(lw.max_length(), 1));
   return {(lps + lines - 1) / lines, lines};
 }
 
@@ -303,12 +427,6 @@ void for_each_task(const LineWalk& lw, const Tasks& t, const F& fn) {
   });
 }
 
-// Memory of the output decides the walk: pixels as lines when channels are innermost in memory.
-LineWalk make_walk(const at::Tensor& out_bchw, int64_t group, bool reverse) {
-  const bool channel_inner = out_bchw.size(1) > 1 && out_bchw.stride(1) < out_bchw.stride(3);
-  return {out_bchw.size(0), out_bchw.size(1), out_bchw.size(2), out_bchw.size(3), group, reverse, channel_inner};
-}
-
 // ---- ops -----------------------------------------------------------------------------------------
 
 at::Tensor shift_cpu(const at::Tensor& x, int64_t n_div, bool channels_last, bool reverse) {
@@ -316,7 +434,7 @@ at::Tensor shift_cpu(const at::Tensor& x, int64_t n_div, bool channels_last, boo
   at::Tensor out = at::empty_like(x);
   if (x.numel() == 0) return out;
   const at::Tensor xv = as_bchw(x, channels_last), ov = as_bchw(out, channels_last);
-  const LineWalk lw = make_walk(ov, group, reverse);
+  const LineWalk lw = make_walk(ov, {&xv}, group, true, reverse);
   const Tasks tasks = make_tasks(lw);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "effvit::shift", [&] {
     const scalar_t* xp = xv.const_data_ptr<scalar_t>();
@@ -353,9 +471,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> shift_group_norm_cpu(
   TORCH_CHECK_VALUE(xv.numel() > 0, "shift_group_norm needs C, H and W > 0, got shape ", x.sizes());
 
   const at::Tensor sv = as_bchw(shifted, channels_last), yv = as_bchw(normalized, channels_last);
-  const LineWalk shift_walk = make_walk(sv, group, false);
-  LineWalk plain_walk = shift_walk;
-  plain_walk.group = 0;
+  const LineWalk shift_walk = make_walk(sv, {&xv, &yv}, group, true, false);
+  LineWalk plain_walk = shift_walk;  // the same lines, unshifted, for the pass over (shifted, normalized)
+  plain_walk.shift = false;
   const Tasks tasks = make_tasks(shift_walk);
   const double count = static_cast<double>(xv.numel() / B);
   const at::Tensor w64 = weight.to(at::kDouble).contiguous(), b64 = bias.to(at::kDouble).contiguous();
@@ -444,8 +562,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> shift_group_norm_backward_cpu(
   }
   const at::Tensor gyv = as_bchw(grad_normalized, channels_last), dxv = as_bchw(grad_x, channels_last);
   const at::Tensor gsv = grad_shifted ? as_bchw(*grad_shifted, channels_last) : at::Tensor();
-  LineWalk sum_walk = make_walk(sv, 0, false);
-  const LineWalk grad_walk = make_walk(dxv, group, /*reverse=*/true);
+  const LineWalk sum_walk = make_walk(sv, {&gyv}, group, false, false);
+  const LineWalk grad_walk = make_walk(dxv, {&gyv, &sv, &gsv}, group, true, /*reverse=*/true);
   const Tasks sum_tasks = make_tasks(sum_walk), grad_tasks = make_tasks(grad_walk);
   const double count = static_cast<double>(sv.numel() / B);
   const at::Tensor w64 = weight.to(at::kDouble).contiguous();

@@ -1,5 +1,2 @@
-"""Public functional API: one module per family, each with its autograd.Function and op registration."""
-
-from effvit.ops.shift import shift, shift_group_norm
-
-__all__ = ["shift", "shift_group_norm"]
+"""One module per family: op registration (fakes, Triton custom ops), the autograd.Functions and the
+public functions, which the top-level package re-exports (effvit.shift is effvit.ops.shift.shift)."""
