@@ -1,0 +1,94 @@
+"""Shared test machinery: backends to test, seeds, poisoned outputs, tolerances."""
+
+from __future__ import annotations
+
+import os
+import random
+
+# Triton kernels run on CPU tensors through the interpreter when there is no GPU; it must be on
+# before triton is imported.
+try:
+    import torch as _torch
+
+    _HAS_GPU = _torch.cuda.is_available()
+except ImportError:  # pragma: no cover
+    _HAS_GPU = False
+if not _HAS_GPU:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest
+import torch
+
+import effvit
+from effvit import _extension, backends
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+ALL_DTYPES = DTYPES + (torch.float64,)
+
+# max |out - ref| / max |ref| against a float64 reference, per dtype
+REL_TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+
+
+def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out, ref = out.double(), ref.double()
+    scale = ref.abs().max().item() if ref.numel() else 0.0
+    return ((out - ref).abs().max().item() / max(scale, 1e-30)) if ref.numel() else 0.0
+
+
+def assert_close_rel(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, what: str = "") -> None:
+    assert out.shape == ref.shape, f"{what}: shape {tuple(out.shape)} != {tuple(ref.shape)}"
+    assert not torch.isnan(out).any(), f"{what}: NaN in output (an element left unwritten?)"
+    err = rel_error(out, ref)
+    assert err <= REL_TOL[dtype], f"{what}: relative error {err:.3g} > {REL_TOL[dtype]:.0g} for {dtype}"
+
+
+def kernel_backends(device: str = "cpu") -> list[str]:
+    """Kernel backends that can run on `device` here."""
+    fam = backends.families()["shift"]
+    out = []
+    for name, spec in fam.kernels.items():
+        if spec.unavailable is None and device in spec.devices:
+            out.append(name)
+    return out
+
+
+DEVICE = "cuda" if _HAS_GPU else "cpu"
+
+
+@pytest.fixture
+def seed(request):
+    """A fresh random seed per test, printed with the failure so it can be replayed."""
+    value = int(os.environ.get("EFFVIT_TEST_SEED", random.SystemRandom().randrange(2**31)))
+    torch.manual_seed(value)
+    random.seed(value)
+    request.node.user_properties.append(("seed", value))
+    yield value
+
+
+@pytest.hookimpl(tryfirst=True, hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    seeds = [v for k, v in item.user_properties if k == "seed"]
+    if report.failed and seeds:
+        report.sections.append(("seed", f"replay with EFFVIT_TEST_SEED={seeds[0]}"))
+
+
+@pytest.fixture
+def poisoned():
+    """While active, every new tensor (torch.empty*, at::empty* in the kernels) is filled with NaN, so an
+    output element that a kernel forgets to write fails the comparison."""
+    prev_det = torch.are_deterministic_algorithms_enabled()
+    prev_warn = torch.is_deterministic_algorithms_warn_only_enabled()
+    prev_fill = torch.utils.deterministic.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(prev_det, warn_only=prev_warn)
+        torch.utils.deterministic.fill_uninitialized_memory = prev_fill
+
+
+requires_ext = pytest.mark.skipif(not _extension.available(), reason=_extension.missing_reason() or "n/a")
+requires_gpu = pytest.mark.skipif(not _HAS_GPU, reason="needs a CUDA GPU")

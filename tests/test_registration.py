@@ -1,0 +1,102 @@
+"""Every op is a registered torch op: opcheck passes, torch.compile(fullgraph=True) traces through it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import effvit
+from effvit import _extension
+from effvit.ops import shift as shift_ops
+
+from conftest import DEVICE, assert_close_rel, kernel_backends, requires_ext
+
+BACKENDS = kernel_backends(DEVICE)
+OPS = shift_ops._OPS
+
+
+def _op_names():
+    names = []
+    if _extension.available():
+        names += [f"effvit::{n}" for n in OPS]
+    if shift_ops._triton is not None:
+        names += [f"effvit::triton_{n}" for n in OPS]
+    return names
+
+
+def _sample_args(name: str, channels_last: bool):
+    shape = (2, 5, 7, 12) if channels_last else (2, 12, 5, 7)
+    x = torch.randn(shape, device=DEVICE)
+    w, b = torch.randn(12, device=DEVICE), torch.randn(12, device=DEVICE)
+    base = name.split("::")[1].removeprefix("triton_")
+    if base == "shift":
+        return [(x, 4, channels_last, False), (x, 4, channels_last, True)]
+    if base == "shift_group_norm":
+        return [(x, 4, w, b, 1e-5, channels_last)]
+    fwd = getattr(torch.ops.effvit, name.split("::")[1].removesuffix("_backward"))
+    s, y, mean, rstd = fwd(x, 4, w, b, 1e-5, channels_last)
+    return [(torch.randn_like(s), torch.randn_like(y), s, w, mean, rstd, 4, channels_last),
+            (None, torch.randn_like(y), s, w, mean, rstd, 4, channels_last)]
+
+
+@pytest.mark.parametrize("name", _op_names())
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_opcheck(name, channels_last):
+    op = getattr(torch.ops.effvit, name.split("::")[1])
+    for args in _sample_args(name, channels_last):
+        torch.library.opcheck(op, args)
+
+
+@requires_ext
+def test_every_op_has_a_cpu_kernel_and_a_fake():
+    for name in OPS:
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"effvit::{name}", "CPU"), name
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"effvit::{name}", "Meta") or \
+            torch._library.simple_registry.singleton.find(f"effvit::{name}").fake_impl.kernel is not None, name
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_compile_fullgraph_block(backend, seed):
+    """A ShiftBlock under torch.compile(fullgraph=True): no graph break, same numbers, one compilation."""
+    torch._dynamo.reset()
+    block = effvit.nn.ShiftBlock(16, n_div=4, mlp_ratio=2.0, backend=backend).to(DEVICE)
+    reference = effvit.nn.ShiftBlock(16, n_div=4, mlp_ratio=2.0, backend="torch").to(DEVICE)
+    reference.load_state_dict(block.state_dict())
+    compiled = torch.compile(block, fullgraph=True)
+    counter = torch._dynamo.testing.CompileCounter()
+    compiled_counted = torch.compile(block, fullgraph=True, backend=counter)
+    for _ in range(2):
+        x = torch.randn(2, 16, 5, 7, device=DEVICE)
+        x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+        out, expected = compiled(x1), reference(x2)
+        assert_close_rel(out, expected, torch.float32, "compiled block")
+        out.sum().backward(), expected.sum().backward()
+        assert_close_rel(x1.grad, x2.grad, torch.float32, "compiled block grad")
+        compiled_counted(x)
+    assert counter.frame_count == 1, "recompiled on a second call with the same shapes"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
+def test_compile_fullgraph_functions(backend, layout, seed):
+    torch._dynamo.reset()
+    x = torch.randn((2, 12, 5, 7) if layout == "NCHW" else (2, 5, 7, 12), device=DEVICE)
+    w, b = torch.randn(12, device=DEVICE), torch.randn(12, device=DEVICE)
+
+    def fn(x):
+        s = effvit.shift(x, 4, layout, backend=backend)
+        s2, y = effvit.shift_group_norm(s, 4, w, b, 1e-5, layout, backend=backend)
+        return s2 + y
+
+    expected = fn(x)
+    out = torch.compile(fn, fullgraph=True)(x)
+    assert torch.allclose(out, expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_compile_auto_backend_follows_process_default(backend):
+    torch._dynamo.reset()
+    x = torch.randn(1, 8, 3, 3, device=DEVICE)
+    with effvit.use_backend(backend):
+        out = torch.compile(lambda t: effvit.shift(t, 4), fullgraph=True)(x)
+    assert torch.equal(out, effvit.reference.shift_feat(x, 4))
