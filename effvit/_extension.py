@@ -36,17 +36,17 @@ if os.path.exists(_info_path):
         build_info = {}
 
 
-def _torch_release(version: str) -> str:
-    return version.split("+")[0]
+def torch_mismatch(built_with: str | None, running: str) -> str | None:
+    """A warning when the extension was built against another torch than the one running."""
+    if not built_with or built_with == running:
+        return None
+    return (f"effvit._C was built against torch {built_with} but torch {running} is running; its kernels "
+            f"may crash or fail to load: rebuild effvit ({BUILD_HINT}).")
 
 
-if _C is not None and build_info.get("torch") and build_info["torch"] != torch.__version__:
-    warnings.warn(
-        f"effvit._C was built against torch {build_info['torch']} but torch {torch.__version__} is running; "
-        f"its kernels may crash or fail to load: rebuild effvit ({BUILD_HINT}).",
-        RuntimeWarning,
-        stacklevel=2,
-    )
+_mismatch = torch_mismatch(build_info.get("torch"), torch.__version__) if _C is not None else None
+if _mismatch:
+    warnings.warn(_mismatch, RuntimeWarning, stacklevel=2)
 
 
 def available() -> bool:
