@@ -1,0 +1,5 @@
+import sys
+
+from effvit.bench.cli import main
+
+sys.exit(main())

@@ -1,0 +1,131 @@
+"""What the benchmark times: cases (an op at a shape, dtype, device and direction) and, for each, the
+implementations to compare: effvit's kernel backends and the peers (the eager reference, that is the
+official code, and torch.compile of it).
+
+A family adds itself with ``register_suite(family, builder)``; the builder yields ``Case``s for the
+shapes and settings asked for.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+
+from effvit import backends
+
+# An implementation: a builder that returns the step to time, step(*inputs), which runs the forward
+# (or the forward and backward) and returns nothing. Building may compile (torch.compile peers).
+ImplFactory = Callable[[], Callable[..., None]]
+
+
+@dataclass
+class Case:
+    family: str
+    op: str
+    params: dict                  # shape and settings, e.g. {"B": 1, "C": 96, "H": 56, "W": 56, "n_div": 12}
+    dtype: torch.dtype
+    device: str
+    direction: str                # "fwd" | "fwd+bwd"
+    make_inputs: Callable[[], tuple]
+    impls: dict[str, ImplFactory]         # name -> builder; names: "effvit:<backend>", "eager", "compile"
+    skipped: dict[str, str] = field(default_factory=dict)  # name -> why it is not timed
+    bytes: float = 0.0            # minimum memory traffic of one step
+    flops: float = 0.0
+    input_bytes: int = 0
+
+    @property
+    def shape(self) -> str:
+        return " ".join(f"{k}{v}" for k, v in self.params.items())
+
+    @property
+    def key(self) -> str:
+        dt = str(self.dtype).replace("torch.", "")
+        return f"{self.family}/{self.op} {self.shape} {dt} {self.device} {self.direction}"
+
+
+@dataclass
+class SuiteOptions:
+    device: str = "cpu"
+    dtypes: tuple[torch.dtype, ...] = (torch.float32,)
+    batches: tuple[int, ...] | None = None          # None: the suite's own
+    shapes: tuple[str, ...] | None = None           # None: the suite's own; else names from the suite
+    directions: tuple[str, ...] = ("fwd",)
+    backends: tuple[str, ...] | None = None         # None: every kernel backend that can run
+    peers: bool = True
+    quick: bool = False
+
+
+SuiteBuilder = Callable[[SuiteOptions], Iterator[Case]]
+_SUITES: dict[str, SuiteBuilder] = {}
+_SHAPES: dict[str, dict[str, dict]] = {}
+
+
+def register_suite(family: str, builder: SuiteBuilder, shapes: dict[str, dict]) -> None:
+    _SUITES[family] = builder
+    _SHAPES[family] = shapes
+
+
+def suites() -> dict[str, SuiteBuilder]:
+    _load_families()
+    return dict(_SUITES)
+
+
+def shapes(family: str) -> dict[str, dict]:
+    _load_families()
+    return dict(_SHAPES[family])
+
+
+def _load_families() -> None:
+    if not _SUITES:
+        from effvit.bench import shift_suite  # noqa: F401
+
+
+def kernel_impls(family: str, x: torch.Tensor, wanted: tuple[str, ...] | None, factory) -> tuple[dict, dict]:
+    """effvit's backends for a case: the ones that can run it, and why the others are skipped."""
+    fam = backends.families()[family]
+    impls, skipped = {}, {}
+    for name in backends.KERNEL_BACKENDS:
+        if wanted is not None and name not in wanted:
+            continue
+        reasons = fam.reasons(name, x)
+        if name == "triton" and x.device.type == "cpu" and not reasons:
+            reasons = ["the Triton interpreter on CPU is for tests, not timing"]
+        if reasons:
+            skipped[f"effvit:{name}"] = "; ".join(reasons)
+        else:
+            impls[f"effvit:{name}"] = factory(name)
+    return impls, skipped
+
+
+def compile_peer(fn: Callable) -> tuple[Callable | None, str | None]:
+    """torch.compile of the reference, or why it is unavailable."""
+    try:
+        import torch._inductor  # noqa: F401
+    except Exception as e:  # pragma: no cover - depends on the install
+        return None, f"torch.compile unavailable: {e}"
+    return torch.compile(fn, dynamic=False), None
+
+
+def with_backward(forward: Callable[..., tuple], grads: tuple) -> Callable[..., None]:
+    """A step that runs forward then backward with fixed output gradients."""
+    def step(*inputs):
+        outs = forward(*inputs)  # noqa: B023
+        outs = outs if isinstance(outs, tuple) else (outs,)
+        torch.autograd.backward(outs, grads[:len(outs)])
+    return step
+
+
+def element_size(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def numel(params: dict, *names: str) -> int:
+    return math.prod(params[n] for n in names)
+
+
+__all__ = ["Case", "SuiteOptions", "register_suite", "suites", "shapes", "kernel_impls", "compile_peer",
+           "with_backward", "element_size", "numel", "F"]

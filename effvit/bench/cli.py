@@ -1,0 +1,164 @@
+"""effvit-bench: time effvit's kernels against the code they replace.
+
+    effvit-bench                          # the default suite (a few minutes on a 2-core CPU)
+    effvit-bench --list                   # what would run, and why any implementation is skipped
+    effvit-bench --family shift --shape 7x7x768 --batch 64 --backward --out results/
+    effvit-bench --compare old/bench.json --fail-if-regression 10
+
+Exit status: 0 on success, 1 when --fail-if-regression finds a regression, 2 on bad arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+
+from effvit import backends as backends_mod
+from effvit.bench import cases as cases_mod
+from effvit.bench import report, runner, timing
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # exit 2 with a one-line reason, never a traceback
+        self.print_usage(sys.stderr)
+        print(f"effvit-bench: error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="effvit-bench", description=__doc__.split("\n\n")[0],
+                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    p.add_argument("--family", action="append", help="family to run (repeatable); default: all")
+    p.add_argument("--op", action="append", help="op within a family (repeatable), e.g. shift_group_norm")
+    p.add_argument("--backend", action="append", choices=backends_mod.KERNEL_BACKENDS,
+                   help="effvit backend to time (repeatable); default: every one that can run")
+    p.add_argument("--dtype", action="append", choices=sorted(runner.DTYPES), help="default: float32")
+    p.add_argument("--shape", action="append", help="a shape name of the family's suite (see --list)")
+    p.add_argument("--batch", action="append", type=int, help="batch size (repeatable)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda if there is a GPU")
+    p.add_argument("--backward", action="store_true", help="also time forward+backward")
+    p.add_argument("--backward-only", action="store_true", help="time forward+backward only")
+    p.add_argument("--no-peers", action="store_true", help="skip the eager and torch.compile peers")
+    p.add_argument("--list", "--dry-run", dest="list", action="store_true",
+                   help="list the cases and implementations that would run, and why any is skipped")
+    p.add_argument("--quick", action="store_true", help="fewer repeats and batches: a smoke run")
+    p.add_argument("--threads", type=int, help="CPU threads (torch.set_num_threads)")
+    p.add_argument("--budget", type=float, help="seconds of timed repeats per implementation and case")
+    p.add_argument("--out", help="write bench.json, bench.csv and bench.md into this folder")
+    p.add_argument("--compare", metavar="OLD.json", help="compare with an earlier run's JSON")
+    p.add_argument("--fail-if-regression", metavar="PCT", type=float,
+                   help="with --compare: exit 1 if any implementation is more than PCT%% slower")
+    p.add_argument("--system-malloc", action="store_true",
+                   help="leave glibc returning freed memory to the OS (page faults then dominate large cases)")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
+    return p
+
+
+def _validate(p: argparse.ArgumentParser, args) -> str:
+    suites = cases_mod.suites()
+    for fam in args.family or ():
+        if fam not in suites:
+            p.error(f"unknown family {fam!r}; known: {', '.join(sorted(suites))}")
+    families = args.family or sorted(suites)
+    for shape in args.shape or ():
+        if not any(shape in cases_mod.shapes(f) for f in families):
+            known = sorted({s for f in families for s in cases_mod.shapes(f)})
+            p.error(f"unknown shape {shape!r} for {', '.join(families)}; known: {', '.join(known)}")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda, but torch sees no CUDA GPU here"
+                + ("" if torch.version.cuda else f" (torch {torch.__version__} is a CPU-only build)"))
+    if args.fail_if_regression is not None and not args.compare:
+        p.error("--fail-if-regression needs --compare OLD.json")
+    if args.compare and not os.path.exists(args.compare):
+        p.error(f"--compare: no such file {args.compare!r}")
+    for b in args.batch or ():
+        if b < 1:
+            p.error(f"--batch must be >= 1, got {b}")
+    if args.threads is not None and args.threads < 1:
+        p.error(f"--threads must be >= 1, got {args.threads}")
+    return device
+
+
+def _list(args, device: str) -> None:
+    opts = cases_mod.SuiteOptions(
+        device=device, dtypes=tuple(runner.DTYPES[d] for d in (args.dtype or ["float32"])),
+        batches=tuple(args.batch) if args.batch else None, shapes=tuple(args.shape) if args.shape else None,
+        directions=_directions(args), backends=tuple(args.backend) if args.backend else None,
+        peers=not args.no_peers, quick=args.quick)
+    found = runner.collect_cases(args.family, opts, args.op)
+    for case in found:
+        print(case.key)
+        for name in case.impls:
+            print(f"    run   {name}")
+        for name, reason in case.skipped.items():
+            print(f"    skip  {name}: {reason}")
+    print(f"{len(found)} cases, {sum(len(c.impls) for c in found)} timings")
+    for fam in (args.family or sorted(cases_mod.suites())):
+        print(f"shapes of {fam}: {', '.join(cases_mod.shapes(fam))}")
+
+
+def _directions(args) -> tuple[str, ...]:
+    if args.backward_only:
+        return ("fwd+bwd",)
+    return ("fwd", "fwd+bwd") if args.backward else ("fwd",)
+
+
+def _progress():
+    try:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    except ImportError:
+        def plain(done, total, what):
+            print(f"[{done}/{total}] {what}", file=sys.stderr, flush=True)
+        return None, plain
+    bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                   transient=True)
+    task = bar.add_task("effvit-bench", total=None)
+
+    def update(done, total, what):
+        bar.update(task, completed=done, total=total, description=what[-70:])
+    return bar, update
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    device = _validate(parser, args)
+    if args.list:
+        _list(args, device)
+        return 0
+    policy = None
+    if args.budget:
+        policy = timing.TimingPolicy(budget_s=args.budget)
+    bar, progress = _progress()
+    directions = _directions(args)
+    kwargs = dict(ops=args.op, backends=args.backend, dtypes=args.dtype or ["float32"], shapes=args.shape,
+                  batches=args.batch, device=device, forward="fwd" in directions, backward="fwd+bwd" in directions,
+                  quick=args.quick, threads=args.threads, peers=not args.no_peers, policy=policy,
+                  retain_freed_memory=not args.system_malloc, memory=not args.no_memory, progress=progress)
+    if bar is not None:
+        with bar:
+            result = runner.run(args.family, **kwargs)
+    else:
+        result = runner.run(args.family, **kwargs)
+    command = report.command_line(argv)
+    report.print_table(result)
+    if args.out:
+        paths = report.write_all(result, args.out, command)
+        print("wrote " + ", ".join(paths.values()))
+    if args.compare:
+        with open(args.compare) as f:
+            old = json.load(f)
+        slower = report.print_comparison(report.compare(result, old), args.fail_if_regression)
+        if slower and args.fail_if_regression is not None:
+            return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

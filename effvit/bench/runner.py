@@ -1,0 +1,137 @@
+"""Runs benchmark cases and returns their results as data."""
+
+from __future__ import annotations
+
+import time
+import traceback
+from datetime import datetime, timezone
+from typing import Callable, Iterable
+
+import torch
+
+from effvit.bench import cases as cases_mod
+from effvit.bench import machine, timing
+from effvit.bench.cases import Case, SuiteOptions
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+
+
+def collect_cases(families: Iterable[str] | None, opts: SuiteOptions, ops: Iterable[str] | None = None) -> list[Case]:
+    suites = cases_mod.suites()
+    chosen = list(families) if families else list(suites)
+    out = []
+    for fam in chosen:
+        for case in suites[fam](opts):
+            if ops and case.op not in ops:
+                continue
+            out.append(case)
+    return out
+
+
+def run(families: Iterable[str] | None = None, *, ops: Iterable[str] | None = None,
+        backends: Iterable[str] | None = None, dtypes: Iterable[str] = ("float32",),
+        shapes: Iterable[str] | None = None, batches: Iterable[int] | None = None, device: str = "cpu",
+        backward: bool = False, forward: bool = True, quick: bool = False, threads: int | None = None,
+        peers: bool = True, policy: timing.TimingPolicy | None = None, measure_peaks: bool = True,
+        retain_freed_memory: bool = True, memory: bool = True,
+        progress: Callable[[int, int, str], None] | None = None) -> dict:
+    """Times every case and implementation asked for.
+
+    Returns {"settings", "machine", "peaks", "records"}; "records" is a list of flat dicts (one per
+    case and implementation, skipped ones included), ready for pandas.DataFrame.
+    """
+    if threads:
+        torch.set_num_threads(threads)
+    retained = timing.retain_freed_memory() if retain_freed_memory and device == "cpu" else False
+    policy = policy or (timing.TimingPolicy(budget_s=0.25, min_repeats=5, warmup=2) if quick else timing.TimingPolicy())
+    directions = tuple(d for d, on in (("fwd", forward), ("fwd+bwd", backward)) if on)
+    opts = SuiteOptions(device=device, dtypes=tuple(DTYPES[d] for d in dtypes),
+                        batches=tuple(batches) if batches else None, shapes=tuple(shapes) if shapes else None,
+                        directions=directions, backends=tuple(backends) if backends else None, peers=peers,
+                        quick=quick)
+    started = datetime.now(timezone.utc)
+    all_cases = collect_cases(families, opts, ops)
+    peaks = timing.measure_peaks(device, quick) if measure_peaks else {}
+    records: list[dict] = []
+    total = sum(len(c.impls) for c in all_cases)
+    done = 0
+    for case in all_cases:
+        case_records = []
+        n_sets = timing.input_sets_needed(case.input_bytes, policy)
+        input_sets = [case.make_inputs() for _ in range(n_sets)]
+        for name, builder in case.impls.items():
+            if progress:
+                progress(done, total, f"{case.key} {name}")
+            case_records.append(_time_impl(case, name, builder, input_sets, policy, peaks, memory))
+            done += 1
+        for name, reason in case.skipped.items():
+            case_records.append(_record(case, name, status="skipped", reason=reason))
+        _add_ratios(case_records)
+        records += case_records
+        del input_sets
+    if progress:
+        progress(total, total, "done")
+    settings = {
+        "families": list(families) if families else sorted(cases_mod.suites()), "ops": list(ops) if ops else None,
+        "backends": list(backends) if backends else None, "dtypes": list(dtypes),
+        "shapes": list(shapes) if shapes else None, "batches": list(batches) if batches else None,
+        "device": device, "directions": list(directions), "quick": quick, "peers": peers,
+        "threads": torch.get_num_threads(), "retain_freed_memory": retained,
+        "policy": policy.__dict__, "started": started.isoformat(timespec="seconds"),
+        "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    return {"settings": settings, "machine": machine.describe(device), "peaks": peaks, "records": records}
+
+
+def _record(case: Case, impl: str, **fields) -> dict:
+    rec = {
+        "key": case.key, "family": case.family, "op": case.op, "shape": case.shape,
+        **{f"param_{k}": v for k, v in case.params.items()},
+        "dtype": str(case.dtype).replace("torch.", ""), "device": case.device, "direction": case.direction,
+        "impl": impl, "kind": impl.split(":")[0] if ":" in impl else "peer",
+        "bytes": case.bytes, "flops": case.flops, "status": "ok", "reason": None,
+        "median_us": None, "p10_us": None, "p90_us": None, "min_us": None, "repeats": 0, "samples_us": [],
+        "first_call_s": None, "peak_memory_bytes": None, "gbps": None, "frac_copy_peak": None,
+        "gflops": None, "frac_sgemm_peak": None, "vs_eager": None, "vs_compile": None,
+    }
+    rec.update(fields)
+    return rec
+
+
+def _time_impl(case: Case, name: str, builder, input_sets, policy, peaks: dict, memory: bool) -> dict:
+    try:
+        step = builder()
+        t0 = time.perf_counter()
+        step(*input_sets[0])
+        if case.device == "cuda":
+            torch.cuda.synchronize()
+        first = time.perf_counter() - t0
+        samples = timing.time_step(step, input_sets, case.device, policy)
+        peak = timing.peak_memory_bytes(step, input_sets[0], case.device) if memory else None
+    except Exception as e:  # one implementation failing must not stop the run
+        return _record(case, name, status="error", reason=f"{type(e).__name__}: {e}",
+                       traceback=traceback.format_exc(limit=3))
+    stats = timing.summarize(samples)
+    seconds = stats["median_us"] / 1e6
+    rec = _record(case, name, **stats, samples_us=[round(s * 1e6, 3) for s in samples], first_call_s=first,
+                  peak_memory_bytes=peak)
+    if case.bytes:
+        rec["gbps"] = case.bytes / seconds / 1e9
+        if peaks.get("copy_gbps"):
+            rec["frac_copy_peak"] = rec["gbps"] / peaks["copy_gbps"]
+    if case.flops:
+        rec["gflops"] = case.flops / seconds / 1e9
+        if peaks.get("sgemm_gflops"):
+            rec["frac_sgemm_peak"] = rec["gflops"] / peaks["sgemm_gflops"]
+    return rec
+
+
+def _add_ratios(records: list[dict]) -> None:
+    """Speed-ups against the peers of the same case (> 1: faster than the peer)."""
+    by_impl = {r["impl"]: r for r in records if r["status"] == "ok"}
+    for rec in records:
+        if rec["status"] != "ok":
+            continue
+        for peer, field in (("eager", "vs_eager"), ("compile", "vs_compile")):
+            if peer in by_impl:
+                rec[field] = by_impl[peer]["median_us"] / rec["median_us"]

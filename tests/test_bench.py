@@ -1,0 +1,109 @@
+"""The benchmark harness itself: listing, a tiny run's files, comparisons, bad arguments."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+import effvit.bench
+from effvit.bench import report
+
+TINY = ["--family", "shift", "--shape", "7x7x768", "--batch", "1", "--budget", "0.02", "--no-memory"]
+
+
+def _bench(*args, timeout=600):
+    return subprocess.run([sys.executable, "-m", "effvit.bench", *args], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_list_shows_cases_and_skips():
+    out = _bench("--list", "--family", "shift", "--shape", "7x7x768", "--batch", "2", "--backward")
+    assert out.returncode == 0, out.stderr
+    text = out.stdout
+    assert "shift/shift B2 C768 H7 W7 n_div12 float32" in text
+    assert "shift/shift_group_norm" in text and "fwd+bwd" in text
+    for impl in ("eager", "compile"):
+        assert f"run   {impl}" in text
+    assert "skip  effvit:cuda" in text or "run   effvit:cuda" in text
+    assert "4 cases" in text
+
+
+@pytest.mark.slow
+def test_tiny_run_writes_json_csv_markdown(tmp_path):
+    out = _bench(*TINY, "--out", str(tmp_path), "--no-peers")
+    assert out.returncode == 0, out.stderr
+    data = json.loads((tmp_path / "bench.json").read_text())
+    for key in ("settings", "machine", "peaks", "records", "command"):
+        assert key in data
+    assert data["machine"]["torch"] and data["machine"]["cpu"]
+    ran = [r for r in data["records"] if r["status"] == "ok"]
+    assert ran, data["records"]
+    for r in ran:
+        assert r["median_us"] > 0 and r["p10_us"] <= r["median_us"] <= r["p90_us"]
+        assert len(r["samples_us"]) == r["repeats"] >= 1
+        assert r["gbps"] > 0
+    with open(tmp_path / "bench.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == len(data["records"]) and "median_us" in rows[0]
+    md = (tmp_path / "bench.md").read_text()
+    assert "| op |" in md and "effvit-bench" in md
+
+
+def test_python_api_returns_records():
+    result = effvit.bench.run(["shift"], ops=["shift"], shapes=["7x7x768"], batches=[1], peers=False,
+                              measure_peaks=False, memory=False,
+                              policy=effvit.bench.timing.TimingPolicy(budget_s=0.01, min_repeats=2, warmup=1))
+    records = result["records"]
+    assert records and all("median_us" in r and "impl" in r for r in records)
+    assert any(r["status"] == "ok" for r in records)
+
+
+def test_compare_flags_a_regression(tmp_path, capsys):
+    rec = {"key": "shift/shift x", "impl": "effvit:cpu", "status": "ok", "median_us": 10.0}
+    old = {"records": [rec]}
+    new = {"records": [dict(rec, median_us=13.0)]}
+    rows = report.compare(new, old)
+    assert rows[0]["ratio"] == pytest.approx(1.3)
+    assert report.print_comparison(rows, 20.0)
+    assert not report.print_comparison(rows, 40.0)
+    # through the command line: a run compared with a faked faster old run exits 1
+    out_dir = tmp_path / "run"
+    first = _bench(*TINY, "--no-peers", "--op", "shift", "--out", str(out_dir))
+    assert first.returncode == 0, first.stderr
+    data = json.loads((out_dir / "bench.json").read_text())
+    for r in data["records"]:
+        if r["status"] == "ok":
+            r["median_us"] /= 100  # pretend the old run was 100x faster
+    old_path = tmp_path / "old.json"
+    old_path.write_text(json.dumps(data))
+    second = _bench(*TINY, "--no-peers", "--op", "shift", "--compare", str(old_path), "--fail-if-regression", "10")
+    assert second.returncode == 1, second.stdout + second.stderr
+    assert "REGRESSION" in second.stdout
+
+
+@pytest.mark.parametrize("args,words", [
+    (["--family", "nope"], "unknown family"),
+    (["--backend", "tpu"], "invalid choice"),
+    (["--dtype", "int8"], "invalid choice"),
+    (["--shape", "1x1x1"], "unknown shape"),
+    (["--batch", "0"], "--batch"),
+    (["--fail-if-regression", "5"], "needs --compare"),
+    (["--compare", "/nonexistent.json"], "no such file"),
+])
+def test_bad_arguments_exit_2(args, words):
+    out = _bench(*args)
+    assert out.returncode == 2
+    assert words in out.stderr and "Traceback" not in out.stderr
+
+
+def test_cuda_without_gpu_exits_2():
+    import torch
+    if torch.cuda.is_available():
+        pytest.skip("there is a GPU")
+    out = _bench("--device", "cuda")
+    assert out.returncode == 2 and "no CUDA GPU" in out.stderr
