@@ -68,7 +68,7 @@ def test_forcing_an_unfit_backend_lists_every_reason():
     assert isinstance(info.value, ValueError)
     for name in ("torch: supported", "cpu:", "cuda:", "triton:"):
         assert name in message, message
-    assert "runs on cuda" in message or "without CUDA" in message
+    assert "input is on cpu" in message or "without CUDA" in message
 
 
 def test_explain():
