@@ -116,11 +116,11 @@ class Family:
     kernels: dict[str, KernelSpec]
     auto_order: dict[str, tuple[str, ...]]  # device type -> backends, fastest first
 
-    def supports(self, backend: str, x: torch.Tensor, *args) -> bool:
+    def supports(self, backend: str, x: torch.Tensor, *args, device: str | None = None) -> bool:
         spec = self.kernels.get(backend)
         if spec is None or spec.unavailable is not None:
             return False
-        if x.device.type not in spec.devices or x.dtype not in spec.dtypes:
+        if (device or _device_type(x)) not in spec.devices or x.dtype not in spec.dtypes:
             return False
         return spec.check is None or spec.check(x, *args) is None
 
@@ -164,15 +164,23 @@ def families() -> dict[str, Family]:
     return dict(_FAMILIES)
 
 
+def _device_type(x: torch.Tensor) -> str:
+    # x.is_cpu / x.is_cuda cost a fifth of x.device.type: this runs on every call
+    return "cpu" if x.is_cpu else "cuda" if x.is_cuda else x.device.type
+
+
 def select(family: str, backend: str | None, x: torch.Tensor, *args) -> str:
     """The backend that runs ``family`` on input ``x`` (args: extra inputs the family's checks read)."""
-    name = _State.default if backend is None else _check_name(backend)
-    fam = _FAMILIES[family]
+    name = _State.default if backend is None else backend
+    if name not in BACKENDS:
+        _check_name(name)
     if name == "torch":
         return "torch"
+    fam = _FAMILIES[family]
     if name == "auto":
-        for candidate in fam.auto_order.get(x.device.type, ()):
-            if fam.supports(candidate, x, *args):
+        device = _device_type(x)
+        for candidate in fam.auto_order.get(device, ()):
+            if fam.supports(candidate, x, *args, device=device):
                 return candidate
         return "torch"
     if fam.supports(name, x, *args):

@@ -6,9 +6,13 @@
 // inner loops are plain strided copies (memcpy when both sides are contiguous) whatever the layout and
 // strides of the tensors.
 //
-// Work is cut into tasks of whole lines of one sample. When there are at least as many samples as
+// The GroupNorm forward reads x twice (statistics, then outputs: from cache, when a task is a whole
+// sample) and writes each output once; no output is read back.
+//
+// Work is cut into tasks of whole lines of one sample. When the samples share out evenly among the
 // threads, one task is a whole sample, so the GroupNorm passes re-read a sample while it is still in
-// cache; otherwise a sample is split into chunks of ~kTaskElements values that all threads share.
+// cache; otherwise each sample is split into runs of lines holding equal numbers of values, at least
+// kMinTaskElements a task.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -29,8 +33,14 @@ namespace effvit {
 namespace cpu {
 namespace {
 
-constexpr int64_t kTaskElements = 1 << 15;  // values per task when samples are split
-constexpr int64_t kRunElements = 1 << 14;   // values per line of whole planes
+constexpr int64_t kMinTaskElements = 1 << 13;  // values per task when samples are split
+constexpr int64_t kRunElements = 1 << 14;      // values per line of whole planes, when samples are not split
+
+// Whole samples as tasks: when they share out evenly among the threads (or nearly, when many).
+bool sample_tasks(int64_t B) {
+  const int64_t threads = at::get_num_threads();
+  return B >= threads && (B % threads == 0 || B >= 4 * threads);
+}
 
 // Strides of a logical [B, C, H, W] tensor.
 struct Strides4 {
@@ -160,16 +170,23 @@ EFFVIT_ALWAYS_INLINE void fill_zero(T* dst, int64_t stride, int64_t n) {
   for (int64_t j = 0; j < n; ++j) dst[j * stride] = T(0);
 }
 
-// Zeroes, in each plane of a kPlanes line, the row or column that its flat copy took from a neighbour.
-template <typename T>
-EFFVIT_ALWAYS_INLINE void zero_edges(const LineWalk& lw, const Line& line, T* line_start, int64_t stride) {
+// Calls fn(position along the line) for each value of a kPlanes line that its flat copy took from the
+// neighbouring row or plane, and that the shift makes zero: a row or a column of each plane.
+template <typename F>
+EFFVIT_ALWAYS_INLINE void for_each_wrapped(const LineWalk& lw, const Line& line, F&& fn) {
   if (line.zero_row < 0 && line.zero_col < 0) return;
   for (int64_t p = 0; p < line.planes; ++p) {
-    T* plane = line_start + p * lw.H * lw.W * stride;
-    if (line.zero_row >= 0) fill_zero(plane + line.zero_row * lw.W * stride, stride, lw.W);
+    const int64_t plane = p * lw.H * lw.W;
+    if (line.zero_row >= 0)
+      for (int64_t w = 0; w < lw.W; ++w) fn(plane + line.zero_row * lw.W + w);
     if (line.zero_col >= 0)
-      for (int64_t h = 0; h < lw.H; ++h) plane[(h * lw.W + line.zero_col) * stride] = T(0);
+      for (int64_t h = 0; h < lw.H; ++h) fn(plane + h * lw.W + line.zero_col);
   }
+}
+
+template <typename T>
+EFFVIT_ALWAYS_INLINE void zero_edges(const LineWalk& lw, const Line& line, T* line_start, int64_t stride) {
+  for_each_wrapped(lw, line, [&](int64_t pos) { line_start[pos * stride] = T(0); });
 }
 
 template <typename T>
@@ -184,6 +201,19 @@ EFFVIT_ALWAYS_INLINE void copy_values(T* dst, int64_t dst_stride, const T* src, 
     return;
   }
   for (int64_t j = 0; j < n; ++j) dst[j * dst_stride] = src[j * src_stride];
+}
+
+// Writes the shifted line l of sample b into dst (stride dst_stride): copies, zero fill, wrapped edges.
+template <typename T>
+EFFVIT_ALWAYS_INLINE void write_shifted_line(const LineWalk& lw, const Line& line, const T* x, const Strides4& xs,
+                                             int64_t b, T* dst, int64_t dst_stride) {
+  const int64_t xi = lw.inner_stride(xs);
+  for (int i = 0; i < line.n; ++i) {
+    const Segment& sg = line.seg[i];
+    if (sg.valid) copy_values(dst + sg.start * dst_stride, dst_stride, x + xs.offset(b, sg.c, sg.h, sg.w), xi, sg.len);
+    else fill_zero(dst + sg.start * dst_stride, dst_stride, sg.len);
+  }
+  zero_edges(lw, line, dst, dst_stride);
 }
 
 // Lines of whole planes when, in every tensor the op touches, rows follow each other in memory (and
@@ -205,48 +235,102 @@ LineWalk make_walk(const at::Tensor& out_bchw, std::initializer_list<const at::T
   return {B, C, H, W, group, shift, reverse, WalkKind::kPlanes, run};
 }
 
-// ---- shift: out = shift(x), optionally summing the shifted values (for GroupNorm) ----------------
+// ---- shift: out = shift(x) ----------------------------------------------------------------------------
 
-// `Stats` is std::true_type to also add the sums of the written values and of their squares to
-// sums[0] and sums[1]; they are read back from the line just written, which is still in cache.
-template <typename Stats, typename scalar_t>
-EFFVIT_ALWAYS_INLINE void shift_lines_body(Stats, const scalar_t* x, Strides4 xs, scalar_t* out, Strides4 os, LineWalk lw,
-                                           int64_t b, int64_t l_begin, int64_t l_end, double* sums) {
+template <typename scalar_t>
+EFFVIT_ALWAYS_INLINE void shift_lines_body(const scalar_t* x, Strides4 xs, scalar_t* out, Strides4 os, LineWalk lw,
+                                           int64_t b, int64_t l_begin, int64_t l_end) {
+  const int64_t oi = lw.inner_stride(os);
+  Line line;
+  for (int64_t l = l_begin; l < l_end; ++l) {
+    make_line(lw, l, &line);
+    write_shifted_line(lw, line, x, xs, b, out + os.offset(b, line.c, line.h, line.w), oi);
+  }
+}
+EFFVIT_CPU_ISA_VARIANTS(shift_lines, shift_lines_body)
+
+// ---- GroupNorm statistics of shift(x), read from x alone ------------------------------------------------
+
+// Double-precision reductions over 8 lanes held in a GCC/Clang vector type: one AVX-512 register, two
+// AVX2 or four SSE2 ones, whatever the ISA variant (GCC does not vectorise `omp simd reduction` on
+// doubles fed by floats). Lanes are added in a fixed order, so every ISA variant gives the same bits.
+using f64x8 = double __attribute__((vector_size(64)));
+using f32x8 = float __attribute__((vector_size(32)));
+
+template <typename T>
+EFFVIT_ALWAYS_INLINE f64x8 load_f64x8(const T* p) {
+  if constexpr (std::is_same_v<T, double>) {
+    f64x8 d;
+    std::memcpy(&d, p, sizeof(d));
+    return d;
+  } else {
+    f32x8 f;
+    if constexpr (std::is_same_v<T, float>) {
+      std::memcpy(&f, p, sizeof(f));
+    } else {
+      for (int k = 0; k < 8; ++k) f[k] = static_cast<float>(p[k]);
+    }
+    return __builtin_convertvector(f, f64x8);
+  }
+}
+
+// *sum += sum of a, *sum_ab += sum of a * b over n values (b == nullptr: b = a).
+template <typename T>
+EFFVIT_ALWAYS_INLINE void add_sums(const T* a, const T* b, int64_t stride_a, int64_t stride_b, int64_t n,
+                                   double* sum, double* sum_ab) {
+  using opmath_t = at::opmath_type<T>;
+  if (b == nullptr) b = a, stride_b = stride_a;
+  f64x8 s = {}, sp = {};
+  int64_t j = 0;
+  if (stride_a == 1 && stride_b == 1) {
+    for (; j + 8 <= n; j += 8) {
+      const f64x8 va = load_f64x8(a + j), vb = a == b ? va : load_f64x8(b + j);
+      s += va;
+      sp += va * vb;
+    }
+  }
+  double tail = 0, tail_ab = 0;
+  for (; j < n; ++j) {
+    const double va = static_cast<opmath_t>(a[j * stride_a]), vb = static_cast<opmath_t>(b[j * stride_b]);
+    tail += va;
+    tail_ab += va * vb;
+  }
+  for (int k = 0; k < 8; ++k) *sum += s[k], *sum_ab += sp[k];
+  *sum += tail, *sum_ab += tail_ab;
+}
+
+// Adds the sum and the sum of squares of the shifted values of lines [l_begin, l_end) to sums[0..1]:
+// the valid segments' sources, less the values a kPlanes flat copy would take across a row or plane edge.
+template <typename scalar_t>
+EFFVIT_ALWAYS_INLINE void shifted_sums_body(const scalar_t* x, Strides4 xs, LineWalk lw, int64_t b, int64_t l_begin,
+                                            int64_t l_end, double* sums) {
   using opmath_t = at::opmath_type<scalar_t>;
-  constexpr bool kStats = Stats::value;
-  const int64_t xi = lw.inner_stride(xs), oi = lw.inner_stride(os);
+  const int64_t xi = lw.inner_stride(xs);
   double sum = 0, sum_sq = 0;
   Line line;
   for (int64_t l = l_begin; l < l_end; ++l) {
     make_line(lw, l, &line);
-    scalar_t* o = out + os.offset(b, line.c, line.h, line.w);
     for (int i = 0; i < line.n; ++i) {
       const Segment& sg = line.seg[i];
-      if (sg.valid) copy_values(o + sg.start * oi, oi, x + xs.offset(b, sg.c, sg.h, sg.w), xi, sg.len);
-      else fill_zero(o + sg.start * oi, oi, sg.len);
-    }
-    zero_edges(lw, line, o, oi);
-    if (kStats) {
-      const int64_t n = line.length;
-      if (oi == 1) {
-#pragma omp simd reduction(+ : sum, sum_sq)
-        for (int64_t j = 0; j < n; ++j) {
-          const double v = static_cast<opmath_t>(o[j]);
-          sum += v;
-          sum_sq += v * v;
+      if (!sg.valid) continue;
+      const scalar_t* src = x + xs.offset(b, sg.c, sg.h, sg.w);
+      double seg_sum = 0, seg_sq = 0;
+      add_sums<scalar_t>(src, nullptr, xi, 0, sg.len, &seg_sum, &seg_sq);
+      double wrap_sum = 0, wrap_sq = 0;
+      for_each_wrapped(lw, line, [&](int64_t pos) {
+        if (pos >= sg.start && pos < sg.start + sg.len) {
+          const double v = static_cast<opmath_t>(src[(pos - sg.start) * xi]);
+          wrap_sum += v;
+          wrap_sq += v * v;
         }
-      } else {
-        for (int64_t j = 0; j < n; ++j) {
-          const double v = static_cast<opmath_t>(o[j * oi]);
-          sum += v;
-          sum_sq += v * v;
-        }
-      }
+      });
+      sum += seg_sum - wrap_sum;
+      sum_sq += seg_sq - wrap_sq;
     }
   }
-  if (kStats) sums[0] += sum, sums[1] += sum_sq;
+  sums[0] += sum, sums[1] += sum_sq;
 }
-EFFVIT_CPU_ISA_VARIANTS(shift_lines, shift_lines_body)
+EFFVIT_CPU_ISA_VARIANTS(shifted_sums, shifted_sums_body)
 
 // Calls fn(offset along the line, count, channel, channel step) for the pieces of a line [begin, end)
 // over which the channel is constant (channel step 0) or advances by one per value (pixels).
@@ -267,21 +351,23 @@ EFFVIT_ALWAYS_INLINE void for_each_channel_piece(const LineWalk& lw, const Line&
   }
 }
 
-// ---- per-channel affine: y = s * a[c] + shift[c] (the GroupNorm output) ---------------------------
+// ---- shift and normalize: s = shift(x), y = s * a[c] + shift[c] --------------------------------------
 
+// Each line is shifted into s, then normalized from it while it is in cache.
 template <typename scalar_t, typename opmath_t>
-EFFVIT_ALWAYS_INLINE void affine_lines_body(const scalar_t* s, Strides4 ss, scalar_t* y, Strides4 ys, LineWalk lw,
-                                            int64_t b, int64_t l_begin, int64_t l_end, const opmath_t* a,
-                                            const opmath_t* shift) {
+EFFVIT_ALWAYS_INLINE void shift_affine_lines_body(const scalar_t* x, Strides4 xs, scalar_t* s, Strides4 ss,
+                                                  scalar_t* y, Strides4 ys, LineWalk lw, int64_t b, int64_t l_begin,
+                                                  int64_t l_end, const opmath_t* a, const opmath_t* shift) {
   const int64_t si = lw.inner_stride(ss), yi = lw.inner_stride(ys);
   Line line;
   for (int64_t l = l_begin; l < l_end; ++l) {
     make_line(lw, l, &line);
-    const scalar_t* src = s + ss.offset(b, line.c, line.h, line.w);
-    scalar_t* dst = y + ys.offset(b, line.c, line.h, line.w);
+    scalar_t* s_line = s + ss.offset(b, line.c, line.h, line.w);
+    scalar_t* y_line = y + ys.offset(b, line.c, line.h, line.w);
+    write_shifted_line(lw, line, x, xs, b, s_line, si);
     for_each_channel_piece(lw, line, 0, line.length, [&](int64_t pos, int64_t n, int64_t c, int64_t cstep) {
-      const scalar_t* in = src + pos * si;
-      scalar_t* out = dst + pos * yi;
+      const scalar_t* in = s_line + pos * si;
+      scalar_t* out = y_line + pos * yi;
       if (cstep == 1) {
         for (int64_t j = 0; j < n; ++j)
           out[j * yi] = static_cast<scalar_t>(static_cast<opmath_t>(in[j * si]) * a[c + j] + shift[c + j]);
@@ -297,7 +383,7 @@ EFFVIT_ALWAYS_INLINE void affine_lines_body(const scalar_t* s, Strides4 ss, scal
     });
   }
 }
-EFFVIT_CPU_ISA_VARIANTS(affine_lines, affine_lines_body)
+EFFVIT_CPU_ISA_VARIANTS(shift_affine_lines, shift_affine_lines_body)
 
 // ---- backward pass 1: per-channel sums A[c] = sum dy * s and G[c] = sum dy -------------------------
 
@@ -324,20 +410,7 @@ EFFVIT_ALWAYS_INLINE void channel_sums_body(const scalar_t* dy, Strides4 ds, con
         return;
       }
       double a_sum = 0, g_sum = 0;
-      if (di == 1 && si == 1) {
-#pragma omp simd reduction(+ : a_sum, g_sum)
-        for (int64_t j = 0; j < n; ++j) {
-          const double gj = static_cast<opmath_t>(g[j]);
-          a_sum += gj * static_cast<opmath_t>(v[j]);
-          g_sum += gj;
-        }
-      } else {
-        for (int64_t j = 0; j < n; ++j) {
-          const double gj = static_cast<opmath_t>(g[j * di]);
-          a_sum += gj * static_cast<opmath_t>(v[j * si]);
-          g_sum += gj;
-        }
-      }
+      add_sums<scalar_t>(g, v, di, si, n, &g_sum, &a_sum);
       acc[2 * c] += a_sum;
       acc[2 * c + 1] += g_sum;
     });
@@ -404,25 +477,41 @@ EFFVIT_CPU_ISA_VARIANTS(shift_grad_lines, shift_grad_lines_body)
 // ---- task partition ------------------------------------------------------------------------------
 
 struct Tasks {
-  int64_t per_sample;  // tasks per sample
-  int64_t lines;       // lines per task (the last task of a sample may have fewer)
+  int64_t per_sample;           // tasks per sample
+  std::vector<int64_t> bounds;  // task k of a sample runs lines [bounds[k], bounds[k + 1])
 };
 
 Tasks make_tasks(const LineWalk& lw) {
   const int64_t lps = lw.lines_per_sample();
-  if (lw.B >= at::get_num_threads() || lps == 0) return {1, std::max<int64_t>(lps, 1)};
-  const int64_t lines = std::max<int64_t>(1, kTaskElements / std::max<int64_t>(lw.max_length(), 1));
-  return {(lps + lines - 1) / lines, lines};
+  if (sample_tasks(lw.B) || lps <= 1) return {1, {0, lps}};
+  // two tasks a thread, each at least kMinTaskElements values, cut where the values divide evenly
+  std::vector<int64_t> ends(lps);  // values up to the end of each line
+  Line line;
+  int64_t total = 0;
+  for (int64_t l = 0; l < lps; ++l) {
+    make_line(lw, l, &line);
+    ends[l] = total += line.length;
+  }
+  const int64_t threads = at::get_num_threads();
+  int64_t per_sample = (2 * threads + lw.B - 1) / lw.B;
+  per_sample = std::clamp<int64_t>(per_sample, 1, std::max<int64_t>(1, std::min(lps, total / kMinTaskElements)));
+  std::vector<int64_t> bounds{0};
+  for (int64_t k = 1; k < per_sample; ++k) {
+    const int64_t target = total * k / per_sample;
+    const int64_t l = std::lower_bound(ends.begin(), ends.end(), target) - ends.begin() + 1;
+    if (l > bounds.back() && l < lps) bounds.push_back(l);
+  }
+  bounds.push_back(lps);
+  return {static_cast<int64_t>(bounds.size()) - 1, bounds};
 }
 
 // Runs fn(task, b, l_begin, l_end) over every task in parallel.
 template <typename F>
 void for_each_task(const LineWalk& lw, const Tasks& t, const F& fn) {
-  const int64_t lps = lw.lines_per_sample();
   at::parallel_for(0, lw.B * t.per_sample, 1, [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / t.per_sample, l0 = (task % t.per_sample) * t.lines;
-      fn(task, b, l0, std::min(l0 + t.lines, lps));
+      const int64_t b = task / t.per_sample, k = task % t.per_sample;
+      fn(task, b, t.bounds[k], t.bounds[k + 1]);
     }
   });
 }
@@ -441,7 +530,7 @@ at::Tensor shift_cpu(const at::Tensor& x, int64_t n_div, bool channels_last, boo
     scalar_t* op = ov.mutable_data_ptr<scalar_t>();
     const Strides4 xs = strides_of(xv), os = strides_of(ov);
     for_each_task(lw, tasks, [&](int64_t, int64_t b, int64_t l0, int64_t l1) {
-      shift_lines(std::false_type{}, xp, xs, op, os, lw, b, l0, l1, static_cast<double*>(nullptr));
+      shift_lines(xp, xs, op, os, lw, b, l0, l1);
     });
   });
   return out;
@@ -471,10 +560,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> shift_group_norm_cpu(
   TORCH_CHECK_VALUE(xv.numel() > 0, "shift_group_norm needs C, H and W > 0, got shape ", x.sizes());
 
   const at::Tensor sv = as_bchw(shifted, channels_last), yv = as_bchw(normalized, channels_last);
-  const LineWalk shift_walk = make_walk(sv, {&xv, &yv}, group, true, false);
-  LineWalk plain_walk = shift_walk;  // the same lines, unshifted, for the pass over (shifted, normalized)
-  plain_walk.shift = false;
-  const Tasks tasks = make_tasks(shift_walk);
+  const LineWalk walk = make_walk(sv, {&xv, &yv}, group, true, false);
+  const Tasks tasks = make_tasks(walk);
+  const int64_t lps = walk.lines_per_sample();
   const double count = static_cast<double>(xv.numel() / B);
   const at::Tensor w64 = weight.to(at::kDouble).contiguous(), b64 = bias.to(at::kDouble).contiguous();
   const double* wp = w64.const_data_ptr<double>();
@@ -489,8 +577,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> shift_group_norm_cpu(
     stats_t* mp = mean.mutable_data_ptr<stats_t>();
     stats_t* rp = rstd.mutable_data_ptr<stats_t>();
     const Strides4 xs = strides_of(xv), ss = strides_of(sv), ys = strides_of(yv);
-    // coefficients y = s * a[b, c] + shift[b, c]
-    std::vector<opmath_t> coef(2 * B * C);
+    std::vector<opmath_t> coef(2 * B * C);  // y = s * coef[b][0][c] + coef[b][1][c]
 
     auto finish_sample = [&](int64_t b, double sum, double sum_sq) {
       const SampleMoments m = moments_from_sums(sum, sum_sq, count, eps);
@@ -503,25 +590,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> shift_group_norm_cpu(
         a[C + c] = static_cast<opmath_t>(bp[c] - m.mean * ac);
       }
     };
-    auto normalize = [&](int64_t b, int64_t l0, int64_t l1) {
+    auto write_outputs = [&](int64_t b, int64_t l0, int64_t l1) {
       const opmath_t* a = coef.data() + 2 * b * C;
-      affine_lines(sp, ss, yp, ys, plain_walk, b, l0, l1, a, a + C);
+      shift_affine_lines(xp, xs, sp, ss, yp, ys, walk, b, l0, l1, a, a + C);
     };
 
+    // pass 1 reads x for the statistics; pass 2 reads it again (from cache when a task is a whole
+    // sample) and writes both outputs, so neither output is read back
     if (tasks.per_sample == 1) {
-      // one task per sample: both passes while the sample is in cache
       at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
         for (int64_t b = begin; b < end; ++b) {
           double sums[2] = {0, 0};
-          shift_lines(std::true_type{}, xp, xs, sp, ss, shift_walk, b, int64_t(0), shift_walk.lines_per_sample(), sums);
+          shifted_sums(xp, xs, walk, b, int64_t(0), lps, sums);
           finish_sample(b, sums[0], sums[1]);
-          normalize(b, 0, shift_walk.lines_per_sample());
+          write_outputs(b, 0, lps);
         }
       });
     } else {
       std::vector<double> partial(2 * B * tasks.per_sample, 0.0);
-      for_each_task(shift_walk, tasks, [&](int64_t task, int64_t b, int64_t l0, int64_t l1) {
-        shift_lines(std::true_type{}, xp, xs, sp, ss, shift_walk, b, l0, l1, partial.data() + 2 * task);
+      for_each_task(walk, tasks, [&](int64_t task, int64_t b, int64_t l0, int64_t l1) {
+        shifted_sums(xp, xs, walk, b, l0, l1, partial.data() + 2 * task);
       });
       for (int64_t b = 0; b < B; ++b) {
         double sum = 0, sum_sq = 0;
@@ -529,7 +617,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> shift_group_norm_cpu(
           sum += partial[2 * t], sum_sq += partial[2 * t + 1];
         finish_sample(b, sum, sum_sq);
       }
-      for_each_task(shift_walk, tasks, [&](int64_t, int64_t b, int64_t l0, int64_t l1) { normalize(b, l0, l1); });
+      for_each_task(walk, tasks, [&](int64_t, int64_t b, int64_t l0, int64_t l1) { write_outputs(b, l0, l1); });
     }
   });
   return {shifted, normalized, mean, rstd};
@@ -606,9 +694,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> shift_group_norm_backward_cpu(
     }
     // pass 2: dx = reverse_shift(g_s + p * g_y + q + r * s)
     for_each_task(grad_walk, grad_tasks, [&](int64_t, int64_t b, int64_t l0, int64_t l1) {
-      shift_grad_lines(gsp, gss, gyp, gys, sp, ss, dxp, dxs, grad_walk, b, l0, l1,
-                                           p.data() + b * C, static_cast<opmath_t>(qr[b].q),
-                                           static_cast<opmath_t>(qr[b].r));
+      shift_grad_lines(gsp, gss, gyp, gys, sp, ss, dxp, dxs, grad_walk, b, l0, l1, p.data() + b * C,
+                       static_cast<opmath_t>(qr[b].q), static_cast<opmath_t>(qr[b].r));
     });
     grad_weight.copy_(at::from_blob(dgamma.data(), {C}, at::kDouble));
     grad_bias.copy_(at::from_blob(dbeta.data(), {C}, at::kDouble));

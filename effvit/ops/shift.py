@@ -81,9 +81,23 @@ if _triton is not None:
         torch.library.register_fake(f"effvit::triton_{_name}")(_FAKES[_name])
 
 
+def _resolve_ops() -> dict[str, dict]:
+    """The OpOverloads of each kernel backend, looked up once (calling .default skips the packet's
+    overload resolution, a microsecond a call)."""
+    table: dict[str, dict] = {}
+    if _extension.available():
+        table["cpu"] = table["cuda"] = {n: getattr(torch.ops.effvit, n).default for n in _OPS}
+    if _triton is not None:
+        table["triton"] = {n: getattr(torch.ops.effvit, f"triton_{n}").default for n in _OPS}
+    return table
+
+
+_OP_TABLE = _resolve_ops()
+
+
 def op(backend: str, name: str):
     """The registered op ``name`` of a kernel backend ("cpu" and "cuda" share the C++ op)."""
-    return getattr(torch.ops.effvit, f"triton_{name}" if backend == "triton" else name)
+    return _OP_TABLE[backend][name]
 
 
 # ---- what each backend supports ----------------------------------------------------------------------
@@ -152,7 +166,7 @@ class ShiftGroupNormFunction(torch.autograd.Function):
 # ---- public functions ------------------------------------------------------------------------------
 
 def _needs_grad(*tensors) -> bool:
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    return any(t is not None and t.requires_grad for t in tensors) and torch.is_grad_enabled()
 
 
 def shift(x: torch.Tensor, n_div: int = 12, layout: str = "NCHW", backend: str | None = None) -> torch.Tensor:
