@@ -9,6 +9,7 @@
 """
 
 from effvit import _extension  # first: loads effvit._C, which registers the C++ ops
+from effvit._extension import ExtensionWarning
 from effvit.backends import BackendNotSupported, explain, get_backend, set_backend, use_backend
 from effvit.ops.shift import shift, shift_group_norm
 from effvit import nn, reference  # noqa: E402
@@ -17,6 +18,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BackendNotSupported",
+    "ExtensionWarning",
     "explain",
     "get_backend",
     "nn",

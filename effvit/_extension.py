@@ -44,11 +44,6 @@ def torch_mismatch(built_with: str | None, running: str) -> str | None:
             f"may crash or fail to load: rebuild effvit ({BUILD_HINT}).")
 
 
-_mismatch = torch_mismatch(build_info.get("torch"), torch.__version__) if _C is not None else None
-if _mismatch:
-    warnings.warn(_mismatch, RuntimeWarning, stacklevel=2)
-
-
 def available() -> bool:
     """Whether the compiled CPU/CUDA kernels are loaded."""
     return _C is not None
@@ -72,3 +67,17 @@ def has_kernel(op: str, dispatch_key: str) -> bool:
 
 def cpu_isa() -> str | None:
     return _C.cpu_isa() if _C is not None else None
+
+
+class ExtensionWarning(UserWarning):
+    """effvit's compiled kernels are missing or were built for another torch."""
+
+
+_mismatch = torch_mismatch(build_info.get("torch"), torch.__version__) if _C is not None else None
+if _mismatch:
+    warnings.warn(_mismatch, ExtensionWarning, stacklevel=2)
+elif _C is None and os.environ.get("EFFVIT_QUIET") != "1":
+    warnings.warn(missing_reason() + ". Until then the reference (torch) and Triton backends run; "
+                  "EFFVIT_QUIET=1 silences this.", ExtensionWarning, stacklevel=2)
+
+

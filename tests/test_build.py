@@ -36,9 +36,13 @@ def test_import_without_the_extension():
                 if name == "effvit._C":
                     raise ImportError("No module named 'effvit._C'")
         sys.meta_path.insert(0, Block())
-        import torch, effvit
+        import warnings
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            import torch, effvit
         from effvit import _extension
         assert not effvit.extension_available()
+        assert any("not built" in str(w.message) for w in caught), [str(w.message) for w in caught]
         x = torch.randn(1, 8, 3, 3)
         assert torch.equal(effvit.shift(x, 4), effvit.reference.shift_feat(x, 4))   # auto -> torch
         try:

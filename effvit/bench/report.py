@@ -10,7 +10,7 @@ import sys
 
 COLUMNS = [("op", "op"), ("shape", "shape"), ("dtype", "dtype"), ("direction", "dir"), ("impl", "impl"),
            ("median_us", "median us"), ("spread", "p10-p90 us"), ("vs_eager", "x eager"),
-           ("vs_compile", "x compile"), ("gbps", "GB/s"), ("frac_copy_peak", "% copy peak"),
+           ("vs_compile", "x compile"), ("items_per_s", "img/s"), ("gbps", "GB/s"), ("frac_copy_peak", "% copy peak"),
            ("peak_memory_bytes", "peak MiB")]
 
 
@@ -26,6 +26,8 @@ def _cell(rec: dict, field: str) -> str:
         return f"{value:.2f}"
     if field == "frac_copy_peak":
         return f"{100 * value:.0f}%"
+    if field == "items_per_s":
+        return f"{value:,.0f}"
     if field == "peak_memory_bytes":
         return f"{value / 2**20:.1f}"
     if isinstance(value, float):

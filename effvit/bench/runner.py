@@ -92,7 +92,7 @@ def _record(case: Case, impl: str, **fields) -> dict:
         "bytes": case.bytes, "flops": case.flops, "status": "ok", "reason": None,
         "median_us": None, "p10_us": None, "p90_us": None, "min_us": None, "repeats": 0, "samples_us": [],
         "first_call_s": None, "peak_memory_bytes": None, "gbps": None, "frac_copy_peak": None,
-        "gflops": None, "frac_sgemm_peak": None, "vs_eager": None, "vs_compile": None,
+        "gflops": None, "frac_sgemm_peak": None, "items_per_s": None, "vs_eager": None, "vs_compile": None,
     }
     rec.update(fields)
     return rec
@@ -115,6 +115,7 @@ def _time_impl(case: Case, name: str, builder, input_sets, policy, peaks: dict, 
     seconds = stats["median_us"] / 1e6
     rec = _record(case, name, **stats, samples_us=[round(s * 1e6, 3) for s in samples], first_call_s=first,
                   peak_memory_bytes=peak)
+    rec["items_per_s"] = case.params.get("B", 1) / seconds  # images (samples) per second
     if case.bytes:
         rec["gbps"] = case.bytes / seconds / 1e9
         if peaks.get("copy_gbps"):
