@@ -250,28 +250,14 @@ at::Tensor shift_cuda(const at::Tensor& x, int64_t n_div, bool channels_last, bo
   return out;
 }
 
-void check_channel_vector(const at::Tensor& t, const at::Tensor& x, int64_t channels, const char* name) {
-  TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == channels, name, " must have shape [C] = [", channels, "], got ",
-                    t.sizes());
-  check_float_tensor(t, name);
-  TORCH_CHECK_VALUE(t.device() == x.device(), name, " is on ", t.device(), " but x is on ", x.device());
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> shift_group_norm_cuda(const at::Tensor& x, int64_t n_div,
                                                                                  const at::Tensor& weight,
                                                                                  const at::Tensor& bias, double eps,
                                                                                  bool channels_last) {
-  const int64_t group = check_shift_input(x, n_div, channels_last);
+  auto [group, shifted, normalized, mean, rstd] = prepare_shift_group_norm(x, n_div, weight, bias, eps, channels_last);
   const at::Tensor xv = as_bchw(x, channels_last);
   const int64_t B = xv.size(0), C = xv.size(1);
-  check_channel_vector(weight, x, C, "weight");
-  check_channel_vector(bias, x, C, "bias");
-  TORCH_CHECK_VALUE(eps >= 0, "eps must be >= 0, got ", eps);
-  at::Tensor shifted = at::empty_like(x), normalized = at::empty_like(x);
-  const auto stats_opts = x.options().dtype(stats_dtype(x.scalar_type()));
-  at::Tensor mean = at::empty({B}, stats_opts), rstd = at::empty({B}, stats_opts);
   if (B == 0) return {shifted, normalized, mean, rstd};
-  TORCH_CHECK_VALUE(xv.numel() > 0, "shift_group_norm needs C, H and W > 0, got shape ", x.sizes());
   const c10::cuda::CUDAGuard guard(x.device());
 
   const at::Tensor sv = as_bchw(shifted, channels_last), yv = as_bchw(normalized, channels_last);
@@ -307,21 +293,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> shift_group_norm_cuda
 std::tuple<at::Tensor, at::Tensor, at::Tensor> shift_group_norm_backward_cuda(
     const std::optional<at::Tensor>& grad_shifted_opt, const at::Tensor& grad_normalized, const at::Tensor& shifted,
     const at::Tensor& weight, const at::Tensor& mean, const at::Tensor& rstd, int64_t n_div, bool channels_last) {
-  const int64_t group = check_shift_input(shifted, n_div, channels_last, "shifted");
-  check_same_device_dtype(grad_normalized, shifted, "grad_normalized", "shifted");
-  TORCH_CHECK_VALUE(grad_normalized.sizes() == shifted.sizes(), "grad_normalized has shape ", grad_normalized.sizes(),
-                    " but shifted has shape ", shifted.sizes());
-  const bool has_gs = grad_shifted_opt.has_value() && grad_shifted_opt->defined();
-  if (has_gs) {
-    check_same_device_dtype(*grad_shifted_opt, shifted, "grad_shifted", "shifted");
-    TORCH_CHECK_VALUE(grad_shifted_opt->sizes() == shifted.sizes(), "grad_shifted has shape ",
-                      grad_shifted_opt->sizes(), " but shifted has shape ", shifted.sizes());
-  }
+  const at::Tensor* grad_shifted = nullptr;
+  const int64_t group = check_shift_group_norm_backward(grad_shifted_opt, grad_normalized, shifted, weight, mean, rstd,
+                                                        n_div, channels_last, &grad_shifted);
+  const bool has_gs = grad_shifted != nullptr;
   const at::Tensor sv = as_bchw(shifted, channels_last);
   const int64_t B = sv.size(0), C = sv.size(1), H = sv.size(2), W = sv.size(3);
-  check_channel_vector(weight, shifted, C, "weight");
-  TORCH_CHECK_VALUE(mean.numel() == B && rstd.numel() == B, "mean and rstd must have B = ", B, " values, got ",
-                    mean.numel(), " and ", rstd.numel());
   at::Tensor grad_x = at::empty_like(shifted);
   if (B == 0 || sv.numel() == 0) {
     grad_x.zero_();
@@ -330,7 +307,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> shift_group_norm_backward_cuda(
   const c10::cuda::CUDAGuard guard(shifted.device());
   const auto stream = c10::cuda::getCurrentCUDAStream();
   const at::Tensor gyv = as_bchw(grad_normalized, channels_last), dxv = as_bchw(grad_x, channels_last);
-  const at::Tensor gsv = has_gs ? as_bchw(*grad_shifted_opt, channels_last) : at::Tensor();
+  const at::Tensor gsv = has_gs ? as_bchw(*grad_shifted, channels_last) : at::Tensor();
   const auto f64 = shifted.options().dtype(at::kDouble);
   const at::Tensor a_sums = at::empty({B, C}, f64), g_sums = at::empty({B, C}, f64), centered = at::empty({B, C}, f64);
   const at::Tensor w64 = weight.to(at::kDouble).contiguous();
