@@ -59,11 +59,34 @@ def run(families: Iterable[str] | None = None, *, ops: Iterable[str] | None = No
         case_records = []
         n_sets = timing.input_sets_needed(case.input_bytes, policy)
         input_sets = [case.make_inputs() for _ in range(n_sets)]
-        for name, builder in case.impls.items():
+        steps, first_call, failed = {}, {}, {}
+        for name, builder in case.impls.items():  # build (compile) and call once each
             if progress:
                 progress(done, total, f"{case.key} {name}")
-            case_records.append(_time_impl(case, name, builder, input_sets, policy, peaks, memory))
+            try:
+                step = builder()
+                t0 = time.perf_counter()
+                step(*input_sets[0])
+                if case.device == "cuda":
+                    torch.cuda.synchronize()
+                first_call[name] = time.perf_counter() - t0
+                steps[name] = step
+            except Exception as e:  # one implementation failing must not stop the run
+                failed[name] = e
             done += 1
+        try:
+            samples = timing.time_interleaved(steps, input_sets, case.device, policy) if steps else {}
+        except Exception as e:
+            failed.update({name: e for name in steps})
+            samples, steps = {}, {}
+        for name in case.impls:
+            if name in failed:
+                e = failed[name]
+                case_records.append(_record(case, name, status="error", reason=f"{type(e).__name__}: {e}",
+                                            traceback="".join(traceback.format_exception(e, limit=3))))
+                continue
+            peak = timing.peak_memory_bytes(steps[name], input_sets[0], case.device) if memory else None
+            case_records.append(_timed_record(case, name, samples[name], first_call[name], peak, peaks))
         for name, reason in case.skipped.items():
             case_records.append(_record(case, name, status="skipped", reason=reason))
         _add_ratios(case_records)
@@ -98,19 +121,7 @@ def _record(case: Case, impl: str, **fields) -> dict:
     return rec
 
 
-def _time_impl(case: Case, name: str, builder, input_sets, policy, peaks: dict, memory: bool) -> dict:
-    try:
-        step = builder()
-        t0 = time.perf_counter()
-        step(*input_sets[0])
-        if case.device == "cuda":
-            torch.cuda.synchronize()
-        first = time.perf_counter() - t0
-        samples = timing.time_step(step, input_sets, case.device, policy)
-        peak = timing.peak_memory_bytes(step, input_sets[0], case.device) if memory else None
-    except Exception as e:  # one implementation failing must not stop the run
-        return _record(case, name, status="error", reason=f"{type(e).__name__}: {e}",
-                       traceback=traceback.format_exc(limit=3))
+def _timed_record(case: Case, name: str, samples: list[float], first: float, peak: int | None, peaks: dict) -> dict:
     stats = timing.summarize(samples)
     seconds = stats["median_us"] / 1e6
     rec = _record(case, name, **stats, samples_us=[round(s * 1e6, 3) for s in samples], first_call_s=first,

@@ -60,6 +60,32 @@ def time_step(step: Callable[..., None], input_sets: list[tuple], device: str, p
     return samples
 
 
+def time_interleaved(steps: dict[str, Callable[..., None]], input_sets: list[tuple], device: str,
+                     policy: TimingPolicy) -> dict[str, list[float]]:
+    """Seconds per call of each step. On CPU the steps take turns, one call each per round (in a rotating
+    order), so a machine whose speed drifts during the run (a shared VM) slows all of them alike and
+    their ratios stay fair; on a GPU each is timed in a batch of CUDA events."""
+    if device == "cuda":
+        return {name: time_step(step, input_sets, device, policy) for name, step in steps.items()}
+    k = len(input_sets)
+    names = list(steps)
+    for name in names:
+        for i in range(policy.warmup):
+            steps[name](*input_sets[i % k])
+    samples: dict[str, list[float]] = {name: [] for name in names}
+    deadline = time.perf_counter() + policy.budget_s * len(names)
+    rounds = 0
+    while rounds < policy.max_repeats and (rounds < policy.min_repeats or time.perf_counter() < deadline):
+        inputs = input_sets[rounds % k]
+        for j in range(len(names)):
+            name = names[(rounds + j) % len(names)]
+            t0 = time.perf_counter()
+            steps[name](*inputs)
+            samples[name].append(time.perf_counter() - t0)
+        rounds += 1
+    return samples
+
+
 def _time_cuda(step, input_sets, policy: TimingPolicy) -> list[float]:
     k = len(input_sets)
     torch.cuda.synchronize()
