@@ -115,9 +115,10 @@ def markdown(result: dict, command: str | None = None) -> str:
         f"python {m['python']}, effvit {m['effvit']} at {m.get('effvit_commit')}; CPU kernels use {m.get('effvit_cpu_isa')}",
         f"- measured peaks: memory copy {p.get('copy_gbps', 0):.1f} GB/s (read + write), "
         f"sgemm {p.get('sgemm_gflops', 0):.0f} GFLOP/s" if p else "- peaks not measured",
-        f"- method: {s['policy']['warmup']} warm-up calls, then the implementations of a case take turns, "
-        f"one call each per round, for {s['policy']['budget_s']} s each (at least {s['policy']['min_repeats']} "
-        f"rounds; on a GPU each is timed alone with CUDA events); median and p10-p90; inputs rotated over up to "
+        f"- method: {s['policy']['warmup']} warm-up calls, then the implementations of a case take turns in "
+        f"blocks of about 50 ms (the first call of a block not kept) for {s['policy']['budget_s']} s each (at "
+        f"least {s['policy']['min_repeats']} calls; on a GPU each is timed alone with CUDA events); median and "
+        f"p10-p90; inputs rotated over up to "
         f"{s['policy']['max_input_sets']} sets; freed memory retained: {s['retain_freed_memory']}",
         f"- started {s['started']}, finished {s['finished']}",
         "",

@@ -61,29 +61,38 @@ def time_step(step: Callable[..., None], input_sets: list[tuple], device: str, p
 
 
 def time_interleaved(steps: dict[str, Callable[..., None]], input_sets: list[tuple], device: str,
-                     policy: TimingPolicy) -> dict[str, list[float]]:
-    """Seconds per call of each step. On CPU the steps take turns, one call each per round (in a rotating
-    order), so a machine whose speed drifts during the run (a shared VM) slows all of them alike and
-    their ratios stay fair; on a GPU each is timed in a batch of CUDA events."""
+                     policy: TimingPolicy, block_s: float = 0.05) -> dict[str, list[float]]:
+    """Seconds per call of each step. On CPU the steps take turns in blocks of about `block_s` (the first
+    call of each block, after the switch, is not kept), so a machine whose speed drifts during the run (a
+    shared VM) slows all of them alike, while each block runs with warm caches as it would alone. On a
+    GPU each step is timed in one batch of CUDA events."""
     if device == "cuda":
         return {name: time_step(step, input_sets, device, policy) for name, step in steps.items()}
     k = len(input_sets)
     names = list(steps)
+    block = {}
     for name in names:
+        t0 = time.perf_counter()
         for i in range(policy.warmup):
             steps[name](*input_sets[i % k])
+        one = (time.perf_counter() - t0) / max(policy.warmup, 1)
+        block[name] = max(2, min(policy.max_repeats, int(block_s / max(one, 1e-7))))
     samples: dict[str, list[float]] = {name: [] for name in names}
     deadline = time.perf_counter() + policy.budget_s * len(names)
     rounds = 0
-    while rounds < policy.max_repeats and (rounds < policy.min_repeats or time.perf_counter() < deadline):
-        inputs = input_sets[rounds % k]
+    while True:
         for j in range(len(names)):
             name = names[(rounds + j) % len(names)]
-            t0 = time.perf_counter()
-            steps[name](*inputs)
-            samples[name].append(time.perf_counter() - t0)
+            for i in range(block[name]):
+                inputs = input_sets[i % k]
+                t0 = time.perf_counter()
+                steps[name](*inputs)
+                if i:
+                    samples[name].append(time.perf_counter() - t0)
         rounds += 1
-    return samples
+        fewest = min(len(v) for v in samples.values())
+        if fewest >= policy.max_repeats or (fewest >= policy.min_repeats and time.perf_counter() >= deadline):
+            return samples
 
 
 def _time_cuda(step, input_sets, policy: TimingPolicy) -> list[float]:
