@@ -1,0 +1,56 @@
+"""GPU-only checks (skipped without a CUDA GPU): ShiftViT's real shapes on the CUDA and Triton kernels,
+agreement with the CPU kernels, and large batches."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import effvit
+from effvit.reference import shift as ref_shift
+
+from conftest import ALL_DTYPES, assert_close_rel, kernel_backends, requires_gpu
+
+pytestmark = requires_gpu
+GPU_BACKENDS = kernel_backends("cuda") if torch.cuda.is_available() else []
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+@pytest.mark.parametrize("dim,hw,n_div", [(96, 56, 12), (192, 28, 12), (384, 14, 16), (768, 7, 16)])
+def test_shiftvit_shapes_on_gpu(backend, dtype, dim, hw, n_div, seed, poisoned):
+    x = torch.randn(8, dim, hw, hw, device="cuda", dtype=dtype)
+    assert torch.equal(effvit.shift(x, n_div, backend=backend), ref_shift.shift_feat(x, n_div))
+    w = torch.randn(dim, device="cuda", dtype=dtype)
+    b = torch.randn(dim, device="cuda", dtype=dtype)
+    s, y = effvit.shift_group_norm(x, n_div, w, b, backend=backend)
+    rs, ry = ref_shift.shift_group_norm(x.double(), n_div, w.double(), b.double())
+    assert torch.equal(s, rs.to(dtype))
+    assert_close_rel(y, ry, dtype, f"normalized {backend}")
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
+def test_gpu_kernels_agree_with_cpu_kernels(backend, layout, seed):
+    if not effvit.extension_available():
+        pytest.skip("needs the CPU kernels too")
+    shape = (4, 48, 17, 23) if layout == "NCHW" else (4, 17, 23, 48)
+    x = torch.randn(shape, dtype=torch.float64)
+    w, b = torch.randn(48, dtype=torch.float64), torch.randn(48, dtype=torch.float64)
+    g_s, g_y = torch.randn(shape, dtype=torch.float64), torch.randn(shape, dtype=torch.float64)
+
+    def run(device, be):
+        xd = x.to(device).requires_grad_()
+        wd, bd = w.to(device).requires_grad_(), b.to(device).requires_grad_()
+        s, y = effvit.shift_group_norm(xd, 12, wd, bd, 1e-5, layout, backend=be)
+        torch.autograd.backward((s, y), (g_s.to(device), g_y.to(device)))
+        return [t.detach().cpu() for t in (s, y, xd.grad, wd.grad, bd.grad)]
+
+    for got, want in zip(run("cuda", backend), run("cpu", "cpu")):
+        assert_close_rel(got, want, torch.float64, backend)
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_large_batch(backend, seed):
+    x = torch.randn(256, 96, 56, 56, device="cuda", dtype=torch.bfloat16)
+    assert torch.equal(effvit.shift(x, 12, backend=backend), ref_shift.shift_feat(x, 12))
