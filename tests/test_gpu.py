@@ -54,3 +54,12 @@ def test_gpu_kernels_agree_with_cpu_kernels(backend, layout, seed):
 def test_large_batch(backend, seed):
     x = torch.randn(256, 96, 56, 56, device="cuda", dtype=torch.bfloat16)
     assert torch.equal(effvit.shift(x, 12, backend=backend), ref_shift.shift_feat(x, 12))
+
+
+def test_raw_backward_rejects_statistics_on_another_device():
+    if not effvit.extension_available():
+        pytest.skip("needs the compiled ops")
+    x = torch.randn(2, 8, 4, 4, device="cuda")
+    with pytest.raises(ValueError, match="mean and rstd must be on"):
+        torch.ops.effvit.shift_group_norm_backward(None, x, x, torch.ones(8, device="cuda"), torch.ones(2),
+                                                   torch.ones(2), 4, False)

@@ -234,6 +234,7 @@ def _x(*shape, dtype=torch.float32):
     (lambda be: effvit.shift_group_norm(_x(2, 8, 4, 4), 4, torch.ones(8, device="meta"), backend=be),
      ValueError, "device"),
     (lambda be: effvit.shift_group_norm(_x(2, 8, 4, 4), 4, eps=-1.0, backend=be), ValueError, "eps"),
+    (lambda be: effvit.shift_group_norm(_x(2, 8, 0, 4), 4, backend=be), ValueError, "H and W > 0"),
 ])
 def test_bad_input_raises_clear_error(backend, call, error, words):
     with pytest.raises(error, match=words):

@@ -93,6 +93,9 @@ inline int64_t check_shift_group_norm_backward(const std::optional<at::Tensor>& 
   check_channel_vector(weight, shifted, C, "weight");
   TORCH_CHECK_VALUE(mean.numel() == B && rstd.numel() == B, "mean and rstd must have B = ", B, " values, got ",
                     mean.numel(), " and ", rstd.numel());
+  TORCH_CHECK_VALUE(mean.device() == shifted.device() && rstd.device() == shifted.device(),
+                    "mean and rstd must be on ", shifted.device(), " with shifted, got ", mean.device(), " and ",
+                    rstd.device());
   return group;
 }
 

@@ -254,7 +254,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> shift_group_norm_cuda
                                                                                  const at::Tensor& weight,
                                                                                  const at::Tensor& bias, double eps,
                                                                                  bool channels_last) {
-  auto [group, shifted, normalized, mean, rstd] = prepare_shift_group_norm(x, n_div, weight, bias, eps, channels_last);
+  // named tensors, not structured bindings: lambdas below capture them, which nvcc's front end may reject
+  const ShiftGroupNormForward fwd = prepare_shift_group_norm(x, n_div, weight, bias, eps, channels_last);
+  const int64_t group = fwd.group;
+  const at::Tensor &shifted = fwd.shifted, &normalized = fwd.normalized, &mean = fwd.mean, &rstd = fwd.rstd;
   const at::Tensor xv = as_bchw(x, channels_last);
   const int64_t B = xv.size(0), C = xv.size(1);
   if (B == 0) return {shifted, normalized, mean, rstd};

@@ -108,12 +108,20 @@ def _grid_limit(x: torch.Tensor, *args) -> str | None:
     return None
 
 
+def _triton_limits(x: torch.Tensor, *args) -> str | None:
+    """The Triton kernels index within a sample in int32."""
+    span = sum((n - 1) * abs(s) for n, s in zip(x.shape[1:], x.stride()[1:]) if n > 0)
+    if span >= 2**31:
+        return f"one sample spans {span} elements in memory; the Triton kernels index up to 2**31 - 1"
+    return _grid_limit(x)
+
+
 FAMILY = backends.register_family(
     "shift",
     kernels=[
         backends.KernelSpec("cpu", ops=_OPS),
         backends.KernelSpec("cuda", ops=_OPS, check=_grid_limit),
-        backends.KernelSpec("triton", ops=(), check=_grid_limit),
+        backends.KernelSpec("triton", ops=(), check=_triton_limits),
     ],
     # bench/results: the C++ kernels beat the Triton ones on the shapes measured so far
     auto_order={"cpu": ("cpu",), "cuda": ("cuda", "triton")},
@@ -199,6 +207,9 @@ def shift_group_norm(x: torch.Tensor, n_div: int, weight: torch.Tensor | None = 
         if t is not None:
             checks.check_channel_param(t, name, channels, x)
     eps = checks.check_eps(eps)
+    if x.shape[0] > 0 and x.numel() == 0:
+        raise ValueError(f"shift_group_norm needs C, H and W > 0 (GroupNorm over an empty sample), got shape "
+                         f"{tuple(x.shape)}")
     chosen = backends.select("shift", backend, x)
     if chosen == "torch":
         return reference.shift_group_norm(x, n_div, weight, bias, eps, layout)

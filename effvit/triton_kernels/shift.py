@@ -11,6 +11,8 @@ effvit/ops/shift.py.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
@@ -157,6 +159,11 @@ def _acc(dtype: torch.dtype):
     return (tl.float64, torch.float64) if dtype == torch.float64 else (tl.float32, torch.float32)
 
 
+def _on_device(t: torch.Tensor):
+    """Triton launches on the current CUDA device: make it the tensor's."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
 def _grid(t_bchw: torch.Tensor) -> tuple[int, int]:
     B = t_bchw.shape[0]
     return triton.cdiv(t_bchw.numel() // B, BLOCK), B
@@ -169,14 +176,20 @@ def shift(x: torch.Tensor, n_div: int, channels_last: bool = False, reverse: boo
         return out
     xv, ov = _bchw(x, channels_last), _bchw(out, channels_last)
     B, C, H, W = xv.shape
-    _shift_kernel[_grid(xv)](xv, ov, ov, C, H, W, C // n_div, xv.numel() // B, *xv.stride(), *ov.stride(),
-                             CHANNEL_INNER=_channel_inner(ov), REVERSE=reverse, STATS=False, BLOCK=BLOCK)
+    with _on_device(x):
+        _shift_kernel[_grid(xv)](xv, ov, ov, C, H, W, C // n_div, xv.numel() // B, *xv.stride(), *ov.stride(),
+                                 CHANNEL_INNER=_channel_inner(ov), REVERSE=reverse, STATS=False, BLOCK=BLOCK)
     return out
 
 
 def shift_group_norm(x: torch.Tensor, n_div: int, weight: torch.Tensor, bias: torch.Tensor, eps: float,
                      channels_last: bool = False):
     """Returns (shifted, normalized, mean [B], rstd [B]) as effvit::shift_group_norm."""
+    with _on_device(x):
+        return _shift_group_norm(x, n_div, weight, bias, eps, channels_last)
+
+
+def _shift_group_norm(x, n_div, weight, bias, eps, channels_last):
     shifted, normalized = torch.empty_like(x), torch.empty_like(x)
     xv, sv, yv = _bchw(x, channels_last), _bchw(shifted, channels_last), _bchw(normalized, channels_last)
     B, C, H, W = xv.shape
@@ -201,6 +214,12 @@ def shift_group_norm_backward(grad_shifted: torch.Tensor | None, grad_normalized
                               shifted: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
                               n_div: int, channels_last: bool = False):
     """Returns (grad_x, grad_weight, grad_bias) as effvit::shift_group_norm_backward."""
+    with _on_device(shifted):
+        return _shift_group_norm_backward(grad_shifted, grad_normalized, shifted, weight, mean, rstd, n_div,
+                                          channels_last)
+
+
+def _shift_group_norm_backward(grad_shifted, grad_normalized, shifted, weight, mean, rstd, n_div, channels_last):
     grad_x = torch.empty_like(shifted)
     sv = _bchw(shifted, channels_last)
     B, C, H, W = sv.shape
