@@ -26,7 +26,8 @@ struct ShiftOffset {
 
 // Offset of the source pixel for output channel `c`; `group` is C / n_div.
 EFFVIT_HOST_DEVICE ShiftOffset shift_offset(int64_t c, int64_t group, bool reverse) {
-  const int64_t k = c < 4 * group ? c / group : 4;
+  // 32-bit division: channel counts fit, and 64-bit division is many instructions on a GPU
+  const int64_t k = c < 4 * group ? static_cast<int32_t>(c) / static_cast<int32_t>(group) : 4;
   int64_t dh = 0, dw = 0;
   if (k == 0) dw = 1;        // left: read the right neighbour
   else if (k == 1) dw = -1;  // right

@@ -103,8 +103,12 @@ def op(backend: str, name: str):
 # ---- what each backend supports ----------------------------------------------------------------------
 
 def _grid_limit(x: torch.Tensor, *args) -> str | None:
+    """The CUDA kernels: a grid row per sample, 32-bit indices within a sample."""
     if x.shape[0] > 65535:
         return f"batch size {x.shape[0]} exceeds the GPU grid limit of 65535 samples per call"
+    per_sample = x[0].numel() if x.shape[0] else 0
+    if per_sample >= 2**31:
+        return f"one sample has {per_sample} values; the GPU kernels index up to 2**31 - 1 per sample"
     return None
 
 
