@@ -8,12 +8,10 @@ shapes and settings asked for.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 import torch
-import torch.nn.functional as F
 
 from effvit import backends
 
@@ -111,11 +109,12 @@ def compile_peer(fn: Callable) -> tuple[Callable | None, str | None]:
 
 
 def with_backward(forward: Callable[..., tuple], grads: tuple) -> Callable[..., None]:
-    """A step that runs forward then backward with fixed output gradients."""
+    """A step that runs forward, then backward with fixed output gradients to the inputs that require
+    them (autograd.grad: nothing accumulates in .grad across repeats)."""
     def step(*inputs):
-        outs = forward(*inputs)  # noqa: B023
+        outs = forward(*inputs)
         outs = outs if isinstance(outs, tuple) else (outs,)
-        torch.autograd.backward(outs, grads[:len(outs)])
+        torch.autograd.grad(outs, [t for t in inputs if t.requires_grad], grads[:len(outs)])
     return step
 
 
@@ -123,9 +122,5 @@ def element_size(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
-def numel(params: dict, *names: str) -> int:
-    return math.prod(params[n] for n in names)
-
-
 __all__ = ["Case", "SuiteOptions", "register_suite", "suites", "shapes", "kernel_impls", "compile_peer",
-           "with_backward", "element_size", "numel", "F"]
+           "with_backward", "element_size"]
