@@ -100,7 +100,12 @@ def git_commit() -> str | None:
 
 # ---- decide what to build, before torch.utils.cpp_extension reads the environment ----------------
 
-import torch  # noqa: E402
+try:
+    import torch  # noqa: E402
+except ImportError:
+    raise SystemExit(
+        "effvit setup: torch is not importable here. effvit compiles against the torch you run: install torch "
+        "first, then build with `pip install --no-build-isolation .` (an isolated build has no torch).")
 
 want_cuda = False
 cuda_reason = ""

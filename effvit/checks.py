@@ -29,7 +29,7 @@ def check_int(value, name: str) -> int:
 
 
 def check_layout(layout) -> bool:
-    """Returns True for channels-last (B, H, W, C)."""
+    """Returns True for the (B, H, W, C) layout."""
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be 'NCHW' (B, C, H, W) or 'NHWC' (B, H, W, C), got {layout!r}")
     return layout == "NHWC"
@@ -45,21 +45,21 @@ def check_same_device(tensors: dict[str, torch.Tensor]) -> None:
 
 
 def check_shift_input(x, n_div, layout: str = "NCHW", name: str = "x") -> tuple[int, bool]:
-    """Checks a ShiftViT shift input; returns (channels per shifted group, channels_last)."""
+    """Checks a ShiftViT shift input; returns (channels per shifted group, nhwc)."""
     check_tensor(x, name)
-    channels_last = check_layout(layout)
+    nhwc = check_layout(layout)
     if x.dim() != 4:
-        dims = "(B, H, W, C)" if channels_last else "(B, C, H, W)"
+        dims = "(B, H, W, C)" if nhwc else "(B, C, H, W)"
         raise ValueError(f"{name} must be 4-D {dims} for layout={layout!r}, got shape {tuple(x.shape)}")
     check_float(x, name)
     check_int(n_div, "n_div")
-    channels = x.shape[3 if channels_last else 1]
+    channels = x.shape[3 if nhwc else 1]
     if not 4 <= n_div <= channels:
         raise ValueError(
             f"n_div must be in [4, C] = [4, {channels}] so that each of the four shifted groups "
             f"(C // n_div channels) is non-empty, got n_div={n_div} for C={channels}"
             + (" (is layout right? channels are dim 3 for 'NHWC', dim 1 for 'NCHW')" if channels < 4 else ""))
-    return channels // n_div, channels_last
+    return channels // n_div, nhwc
 
 
 def check_channel_param(t, name: str, channels: int, x: torch.Tensor) -> None:

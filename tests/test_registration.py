@@ -24,26 +24,26 @@ def _op_names():
     return names
 
 
-def _sample_args(name: str, channels_last: bool):
-    shape = (2, 5, 7, 12) if channels_last else (2, 12, 5, 7)
+def _sample_args(name: str, nhwc: bool):
+    shape = (2, 5, 7, 12) if nhwc else (2, 12, 5, 7)
     x = torch.randn(shape, device=DEVICE)
     w, b = torch.randn(12, device=DEVICE), torch.randn(12, device=DEVICE)
     base = name.split("::")[1].removeprefix("triton_")
     if base == "shift":
-        return [(x, 4, channels_last, False), (x, 4, channels_last, True)]
+        return [(x, 4, nhwc, False), (x, 4, nhwc, True)]
     if base == "shift_group_norm":
-        return [(x, 4, w, b, 1e-5, channels_last)]
+        return [(x, 4, w, b, 1e-5, nhwc)]
     fwd = getattr(torch.ops.effvit, name.split("::")[1].removesuffix("_backward"))
-    s, y, mean, rstd = fwd(x, 4, w, b, 1e-5, channels_last)
-    return [(torch.randn_like(s), torch.randn_like(y), s, w, mean, rstd, 4, channels_last),
-            (None, torch.randn_like(y), s, w, mean, rstd, 4, channels_last)]
+    s, y, mean, rstd = fwd(x, 4, w, b, 1e-5, nhwc)
+    return [(torch.randn_like(s), torch.randn_like(y), s, w, mean, rstd, 4, nhwc),
+            (None, torch.randn_like(y), s, w, mean, rstd, 4, nhwc)]
 
 
 @pytest.mark.parametrize("name", _op_names())
-@pytest.mark.parametrize("channels_last", [False, True])
-def test_opcheck(name, channels_last):
+@pytest.mark.parametrize("nhwc", [False, True])
+def test_opcheck(name, nhwc):
     op = getattr(torch.ops.effvit, name.split("::")[1])
-    for args in _sample_args(name, channels_last):
+    for args in _sample_args(name, nhwc):
         torch.library.opcheck(op, args)
 
 
@@ -59,7 +59,7 @@ def test_fake_kernel_gives_output_metadata(name):
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     op = getattr(torch.ops.effvit, name.split("::")[1])
-    args = _sample_args(name, channels_last=True)[0]
+    args = _sample_args(name, nhwc=True)[0]
     real = op(*args)
     with FakeTensorMode() as mode:
         fake_args = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args]

@@ -17,7 +17,7 @@ from conftest import ALL_DTYPES, DEVICE, assert_close_rel, kernel_backends, requ
 
 BACKENDS = kernel_backends(DEVICE)
 LAYOUTS = ("NCHW", "NHWC")
-MEMORY = ("contiguous", "transposed", "strided")
+MEMORY = ("contiguous", "transposed", "strided", "rows_apart")
 
 
 def random_geometry(rng: random.Random) -> tuple[tuple[int, int, int, int], int]:
@@ -41,6 +41,8 @@ def make_input(bchw, layout, memory, dtype, device=DEVICE, scale=1.0, offset=0.0
         if layout == "NCHW":
             return base((B, H, W, C)).permute(0, 3, 1, 2)
         return base((B, C, H, W)).permute(0, 2, 3, 1)
+    if memory == "rows_apart":  # rows (or pixels) contiguous inside, with gaps between them
+        return base(logical[:3] + (logical[3] + 3,))[..., :logical[3]]
     # every other element along two dims: neither rows nor channels are contiguous
     return base((logical[0], logical[1] * 2, logical[2], logical[3] * 2))[:, ::2, :, ::2]
 
@@ -62,7 +64,7 @@ def test_shift_matches_reference(backend, layout, memory, dtype, seed, poisoned)
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("memory", MEMORY)
 @pytest.mark.parametrize("dtype", ALL_DTYPES)
-def test_shift_backward_is_reverse_shift(backend, layout, memory, dtype, seed):
+def test_shift_backward_is_reverse_shift(backend, layout, memory, dtype, seed, poisoned):
     shape, n_div = random_geometry(random.Random(seed))
     x = make_input(shape, layout, memory, dtype).requires_grad_()
     grad = make_input(shape, layout, "strided", dtype)
@@ -148,6 +150,66 @@ def test_gradcheck_float64(backend, layout, seed):
     assert gradcheck(lambda x, w, b: sgn(x, w, b)[0], (x, w, b), fast_mode=fast)
 
 
+EDGE_GEOMETRIES = [  # (B, C, H, W), n_div
+    ((1, 4, 1, 1), 4),    # one pixel, every group one channel
+    ((2, 5, 1, 7), 5),    # one row: up/down shifts are all zero
+    ((2, 9, 6, 1), 4),    # one column; C not divisible by n_div
+    ((1, 8, 3, 3), 8),    # n_div == C: nothing copied unshifted
+    ((3, 7, 2, 2), 4),    # a single shifted channel per group, three copied
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("memory", MEMORY)
+@pytest.mark.parametrize("geometry", EDGE_GEOMETRIES, ids=lambda g: f"{g[0]}/{g[1]}" if isinstance(g, tuple) else g)
+def test_edge_geometries(backend, layout, memory, geometry, seed, poisoned):
+    shape, n_div = geometry
+    x = make_input(shape, layout, memory, torch.float64).requires_grad_()
+    w = torch.randn(shape[1], device=DEVICE, dtype=torch.float64)
+    b = torch.randn(shape[1], device=DEVICE, dtype=torch.float64)
+    assert torch.equal(effvit.shift(x, n_div, layout, backend=backend), ref_shift.shift(x, n_div, layout))
+    s, y = effvit.shift_group_norm(x, n_div, w, b, 1e-5, layout, backend=backend)
+    rs, ry = ref_shift.shift_group_norm(x, n_div, w, b, 1e-5, layout)
+    assert torch.equal(s, rs)
+    assert_close_rel(y, ry, torch.float64, "normalized")
+    g = torch.randn_like(y)
+    (gx,) = torch.autograd.grad(y, x, g)
+    (rgx,) = torch.autograd.grad(ry, x, g)
+    assert_close_rel(gx, rgx, torch.float64, "grad_x")
+
+
+@requires_ext
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_one_large_sample_splits_across_threads(layout, seed, poisoned):
+    """Batch 1 at ShiftViT's first stage: the CPU kernels split the sample into several tasks."""
+    shape = (1, 96, 56, 56)
+    x = make_input(shape, layout, "contiguous", torch.float32).requires_grad_()
+    w, b = torch.randn(96), torch.randn(96)
+    assert torch.equal(effvit.shift(x, 12, layout, backend="cpu"), ref_shift.shift(x, 12, layout))
+    s, y = effvit.shift_group_norm(x, 12, w, b, 1e-5, layout, backend="cpu")
+    x64 = x.detach().double().requires_grad_()
+    rs, ry = ref_shift.shift_group_norm(x64, 12, w.double(), b.double(), 1e-5, layout)
+    assert_close_rel(y, ry, torch.float32, "normalized")
+    g_s, g_y = torch.randn_like(s), torch.randn_like(y)
+    (gx,) = torch.autograd.grad((s, y), x, (g_s, g_y))
+    (rgx,) = torch.autograd.grad((rs, ry), x64, (g_s.double(), g_y.double()))
+    assert_close_rel(gx, rgx, torch.float32, "grad_x")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_second_derivatives(backend, seed):
+    """The shift is linear: any order of derivative works. The fused GroupNorm has first derivatives
+    only, and says so instead of giving wrong second ones."""
+    x = torch.randn(1, 8, 3, 4, device=DEVICE, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradgradcheck(lambda t: effvit.shift(t, 4, backend=backend), (x,),
+                                        fast_mode=backend == "triton")
+    s, y = effvit.shift_group_norm(x, 4, backend=backend)
+    (g,) = torch.autograd.grad(y.sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable|does not require grad"):
+        g.sum().backward()
+
+
 @pytest.mark.parametrize("backend", BACKENDS + ["torch"])
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_empty_batch(backend, layout):
@@ -200,6 +262,28 @@ def test_shift_block_equals_official_block(backend, norm, seed):
     assert_close_rel(x1.grad, x2.grad, torch.float32, "block grad_x")
     for (name, p1), p2 in zip(ours.named_parameters(), official.parameters()):
         assert_close_rel(p1.grad, p2.grad, torch.float32, f"grad of {name}")
+
+
+def test_shift_block_fuses_the_official_group_norm_subclass(seed):
+    """SPACH's ShiftViT builds norm2 as its own GroupNorm(num_channels, num_groups=1) subclass and passes
+    input_resolution: both are accepted, and the norm still runs fused."""
+
+    class SpachGroupNorm(nn.GroupNorm):  # as microsoft/SPACH models/shiftvit.py defines it
+        def __init__(self, num_channels, num_groups=1):
+            super().__init__(num_groups, num_channels)
+
+    block = effvit.nn.ShiftBlock(16, n_div=4, norm_layer=SpachGroupNorm, input_resolution=(5, 5)).to(DEVICE)
+    assert block._fusable_norm()
+    official = reference.ShiftViTBlock(16, n_div=4).to(DEVICE)
+    official.load_state_dict(block.state_dict())
+    x = torch.randn(2, 16, 5, 5, device=DEVICE)
+    assert_close_rel(block(x), official(x), torch.float32, "block")
+
+    class CustomNorm(nn.GroupNorm):
+        def forward(self, x):
+            return super().forward(x) * 2
+
+    assert not effvit.nn.ShiftBlock(16, n_div=4, norm_layer=lambda c: CustomNorm(1, c))._fusable_norm()
 
 
 def test_shift_module_layouts(seed):

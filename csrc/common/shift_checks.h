@@ -27,11 +27,11 @@ inline void check_same_device_dtype(const at::Tensor& t, const at::Tensor& ref, 
 }
 
 // Checks a shift input and returns the channel group size g = C / n_div.
-inline int64_t check_shift_input(const at::Tensor& x, int64_t n_div, bool channels_last, const char* name = "x") {
-  TORCH_CHECK_VALUE(x.dim() == 4, name, " must be 4-D (", channels_last ? "B, H, W, C" : "B, C, H, W",
+inline int64_t check_shift_input(const at::Tensor& x, int64_t n_div, bool nhwc, const char* name = "x") {
+  TORCH_CHECK_VALUE(x.dim() == 4, name, " must be 4-D (", nhwc ? "B, H, W, C" : "B, C, H, W",
                     "), got ", x.dim(), "-D with shape ", x.sizes());
   check_float_tensor(x, name);
-  const int64_t channels = x.size(channels_last ? 3 : 1);
+  const int64_t channels = x.size(nhwc ? 3 : 1);
   TORCH_CHECK_VALUE(n_div >= 4 && n_div <= channels, "n_div must be in [4, C] = [4, ", channels,
                     "] so that each of the four shifted groups (C // n_div channels) is non-empty, got ",
                     n_div);
@@ -39,8 +39,8 @@ inline int64_t check_shift_input(const at::Tensor& x, int64_t n_div, bool channe
 }
 
 // A logical [B, C, H, W] view of a tensor in either layout (no copy).
-inline at::Tensor as_bchw(const at::Tensor& t, bool channels_last) {
-  return channels_last ? t.permute({0, 3, 1, 2}) : t;
+inline at::Tensor as_bchw(const at::Tensor& t, bool nhwc) {
+  return nhwc ? t.permute({0, 3, 1, 2}) : t;
 }
 
 inline void check_channel_vector(const at::Tensor& t, const at::Tensor& x, int64_t channels, const char* name) {
@@ -62,9 +62,9 @@ struct ShiftGroupNormForward {
 };
 
 inline ShiftGroupNormForward prepare_shift_group_norm(const at::Tensor& x, int64_t n_div, const at::Tensor& weight,
-                                                      const at::Tensor& bias, double eps, bool channels_last) {
-  const int64_t group = check_shift_input(x, n_div, channels_last);
-  const int64_t B = x.size(0), C = x.size(channels_last ? 3 : 1);
+                                                      const at::Tensor& bias, double eps, bool nhwc) {
+  const int64_t group = check_shift_input(x, n_div, nhwc);
+  const int64_t B = x.size(0), C = x.size(nhwc ? 3 : 1);
   check_channel_vector(weight, x, C, "weight");
   check_channel_vector(bias, x, C, "bias");
   TORCH_CHECK_VALUE(eps >= 0, "eps must be >= 0, got ", eps);
@@ -77,9 +77,9 @@ inline ShiftGroupNormForward prepare_shift_group_norm(const at::Tensor& x, int64
 inline int64_t check_shift_group_norm_backward(const std::optional<at::Tensor>& grad_shifted,
                                                const at::Tensor& grad_normalized, const at::Tensor& shifted,
                                                const at::Tensor& weight, const at::Tensor& mean,
-                                               const at::Tensor& rstd, int64_t n_div, bool channels_last,
+                                               const at::Tensor& rstd, int64_t n_div, bool nhwc,
                                                const at::Tensor** grad_shifted_or_null) {
-  const int64_t group = check_shift_input(shifted, n_div, channels_last, "shifted");
+  const int64_t group = check_shift_input(shifted, n_div, nhwc, "shifted");
   check_same_device_dtype(grad_normalized, shifted, "grad_normalized", "shifted");
   TORCH_CHECK_VALUE(grad_normalized.sizes() == shifted.sizes(), "grad_normalized has shape ", grad_normalized.sizes(),
                     " but shifted has shape ", shifted.sizes());
@@ -89,7 +89,7 @@ inline int64_t check_shift_group_norm_backward(const std::optional<at::Tensor>& 
     TORCH_CHECK_VALUE(grad_shifted->sizes() == shifted.sizes(), "grad_shifted has shape ", grad_shifted->sizes(),
                       " but shifted has shape ", shifted.sizes());
   }
-  const int64_t B = shifted.size(0), C = shifted.size(channels_last ? 3 : 1);
+  const int64_t B = shifted.size(0), C = shifted.size(nhwc ? 3 : 1);
   check_channel_vector(weight, shifted, C, "weight");
   TORCH_CHECK_VALUE(mean.numel() == B && rstd.numel() == B, "mean and rstd must have B = ", B, " values, got ",
                     mean.numel(), " and ", rstd.numel());

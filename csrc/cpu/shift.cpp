@@ -257,12 +257,12 @@ EFFVIT_CPU_ISA_VARIANTS(shift_lines, shift_lines_body)
 using f64x8 = double __attribute__((vector_size(64)));
 using f32x8 = float __attribute__((vector_size(32)));
 
+// Loads 8 values as doubles (an out-parameter: returning a 64-byte vector would change the ABI in the
+// variants compiled without AVX-512).
 template <typename T>
-EFFVIT_ALWAYS_INLINE f64x8 load_f64x8(const T* p) {
+EFFVIT_ALWAYS_INLINE void load_f64x8(const T* p, f64x8* out) {
   if constexpr (std::is_same_v<T, double>) {
-    f64x8 d;
-    std::memcpy(&d, p, sizeof(d));
-    return d;
+    std::memcpy(out, p, sizeof(f64x8));
   } else {
     f32x8 f;
     if constexpr (std::is_same_v<T, float>) {
@@ -270,7 +270,7 @@ EFFVIT_ALWAYS_INLINE f64x8 load_f64x8(const T* p) {
     } else {
       for (int k = 0; k < 8; ++k) f[k] = static_cast<float>(p[k]);
     }
-    return __builtin_convertvector(f, f64x8);
+    *out = __builtin_convertvector(f, f64x8);
   }
 }
 
@@ -284,7 +284,10 @@ EFFVIT_ALWAYS_INLINE void add_sums(const T* a, const T* b, int64_t stride_a, int
   int64_t j = 0;
   if (stride_a == 1 && stride_b == 1) {
     for (; j + 8 <= n; j += 8) {
-      const f64x8 va = load_f64x8(a + j), vb = a == b ? va : load_f64x8(b + j);
+      f64x8 va, vb;
+      load_f64x8(a + j, &va);
+      if (a == b) vb = va;
+      else load_f64x8(b + j, &vb);
       s += va;
       sp += va * vb;
     }
@@ -518,11 +521,11 @@ void for_each_task(const LineWalk& lw, const Tasks& t, const F& fn) {
 
 // ---- ops -----------------------------------------------------------------------------------------
 
-at::Tensor shift_cpu(const at::Tensor& x, int64_t n_div, bool channels_last, bool reverse) {
-  const int64_t group = check_shift_input(x, n_div, channels_last);
+at::Tensor shift_cpu(const at::Tensor& x, int64_t n_div, bool nhwc, bool reverse) {
+  const int64_t group = check_shift_input(x, n_div, nhwc);
   at::Tensor out = at::empty_like(x);
   if (x.numel() == 0) return out;
-  const at::Tensor xv = as_bchw(x, channels_last), ov = as_bchw(out, channels_last);
+  const at::Tensor xv = as_bchw(x, nhwc), ov = as_bchw(out, nhwc);
   const LineWalk lw = make_walk(ov, {&xv}, group, true, reverse);
   const Tasks tasks = make_tasks(lw);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "effvit::shift", [&] {
@@ -539,16 +542,16 @@ at::Tensor shift_cpu(const at::Tensor& x, int64_t n_div, bool channels_last, boo
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> shift_group_norm_cpu(const at::Tensor& x, int64_t n_div,
                                                                                 const at::Tensor& weight,
                                                                                 const at::Tensor& bias, double eps,
-                                                                                bool channels_last) {
+                                                                                bool nhwc) {
   // named tensors, not structured bindings: lambdas below capture them, which nvcc's front end may reject
-  const ShiftGroupNormForward fwd = prepare_shift_group_norm(x, n_div, weight, bias, eps, channels_last);
+  const ShiftGroupNormForward fwd = prepare_shift_group_norm(x, n_div, weight, bias, eps, nhwc);
   const int64_t group = fwd.group;
   const at::Tensor &shifted = fwd.shifted, &normalized = fwd.normalized, &mean = fwd.mean, &rstd = fwd.rstd;
-  const at::Tensor xv = as_bchw(x, channels_last);
+  const at::Tensor xv = as_bchw(x, nhwc);
   const int64_t B = xv.size(0), C = xv.size(1);
   if (B == 0) return {shifted, normalized, mean, rstd};
 
-  const at::Tensor sv = as_bchw(shifted, channels_last), yv = as_bchw(normalized, channels_last);
+  const at::Tensor sv = as_bchw(shifted, nhwc), yv = as_bchw(normalized, nhwc);
   const LineWalk walk = make_walk(sv, {&xv, &yv}, group, true, false);
   const Tasks tasks = make_tasks(walk);
   const int64_t lps = walk.lines_per_sample();
@@ -614,11 +617,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> shift_group_norm_cpu(
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> shift_group_norm_backward_cpu(
     const std::optional<at::Tensor>& grad_shifted_opt, const at::Tensor& grad_normalized, const at::Tensor& shifted,
-    const at::Tensor& weight, const at::Tensor& mean, const at::Tensor& rstd, int64_t n_div, bool channels_last) {
+    const at::Tensor& weight, const at::Tensor& mean, const at::Tensor& rstd, int64_t n_div, bool nhwc) {
   const at::Tensor* grad_shifted = nullptr;
   const int64_t group = check_shift_group_norm_backward(grad_shifted_opt, grad_normalized, shifted, weight, mean, rstd,
-                                                        n_div, channels_last, &grad_shifted);
-  const at::Tensor sv = as_bchw(shifted, channels_last);
+                                                        n_div, nhwc, &grad_shifted);
+  const at::Tensor sv = as_bchw(shifted, nhwc);
   const int64_t B = sv.size(0), C = sv.size(1);
 
   at::Tensor grad_x = at::empty_like(shifted);
@@ -627,8 +630,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> shift_group_norm_backward_cpu(
     grad_x.zero_();
     return {grad_x, grad_weight, grad_bias};
   }
-  const at::Tensor gyv = as_bchw(grad_normalized, channels_last), dxv = as_bchw(grad_x, channels_last);
-  const at::Tensor gsv = grad_shifted ? as_bchw(*grad_shifted, channels_last) : at::Tensor();
+  const at::Tensor gyv = as_bchw(grad_normalized, nhwc), dxv = as_bchw(grad_x, nhwc);
+  const at::Tensor gsv = grad_shifted ? as_bchw(*grad_shifted, nhwc) : at::Tensor();
   const LineWalk sum_walk = make_walk(sv, {&gyv}, group, false, false);
   const LineWalk grad_walk = make_walk(dxv, {&gyv, &sv, &gsv}, group, true, /*reverse=*/true);
   const Tasks sum_tasks = make_tasks(sum_walk), grad_tasks = make_tasks(grad_walk);

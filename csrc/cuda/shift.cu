@@ -2,8 +2,9 @@
 //
 // One thread per output value, walked in the output's memory order (pixels innermost for channels-last
 // memory, rows otherwise) so that writes are coalesced; each thread reads its source through the shift
-// mapping of csrc/common/shift_geometry.h. GroupNorm statistics are double-precision sums reduced per
-// block, then per sample by a one-block-per-sample finishing kernel (deterministic: no atomics).
+// mapping of csrc/common/shift_geometry.h. The fused op reads x twice: for the GroupNorm statistics
+// (double-precision sums reduced per block, then per sample by a one-block-per-sample finishing kernel:
+// deterministic, no atomics), then to write both outputs, so no output is read back.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -85,8 +86,8 @@ __device__ __forceinline__ void block_sum2(double* a, double* b) {
   __syncthreads();
 }
 
-// out = shift(x); with kStats also per-block sums of the shifted values into partial[b][block][2].
-// grid: (blocks per sample, B)
+// out = shift(x); with kStats, instead of writing, per-block sums of the shifted values into
+// partial[b][block][2] (os then gives the walk's memory order). grid: (blocks per sample, B)
 template <typename scalar_t, bool kStats>
 __global__ void shift_kernel(const scalar_t* __restrict__ x, Strides4 xs, scalar_t* __restrict__ out, Strides4 os,
                              Walk walk, int64_t sample_numel, double* __restrict__ partial) {
@@ -102,11 +103,12 @@ __global__ void shift_kernel(const scalar_t* __restrict__ x, Strides4 xs, scalar
     const int64_t sh = h + off.dh, sw = w + off.dw;
     const bool valid = sh >= 0 && sh < walk.H && sw >= 0 && sw < walk.W;
     const scalar_t v = valid ? x[xs.offset(b, c, sh, sw)] : scalar_t(0);
-    out[os.offset(b, c, h, w)] = v;
     if (kStats) {
       const double d = static_cast<opmath_t>(v);
       sum += d;
       sum_sq += d * d;
+    } else {
+      out[os.offset(b, c, h, w)] = v;
     }
   }
   if (kStats) {
@@ -145,10 +147,12 @@ __global__ void finish_moments_kernel(const double* __restrict__ partial, int64_
   }
 }
 
-// y = s * coef[b][0][c] + coef[b][1][c]. grid: (blocks per sample, B)
+// s = shift(x) and y = s * coef[b][0][c] + coef[b][1][c] from one read of x; s and y share strides os.
+// grid: (blocks per sample, B)
 template <typename scalar_t, typename opmath_t>
-__global__ void affine_kernel(const scalar_t* __restrict__ s, Strides4 ss, scalar_t* __restrict__ y, Strides4 ys,
-                              Walk walk, int64_t sample_numel, const opmath_t* __restrict__ coef) {
+__global__ void shift_affine_kernel(const scalar_t* __restrict__ x, Strides4 xs, scalar_t* __restrict__ s,
+                                    scalar_t* __restrict__ y, Strides4 os, Walk walk, int64_t sample_numel,
+                                    const opmath_t* __restrict__ coef) {
   const int64_t b = blockIdx.y;
   const int64_t begin = blockIdx.x * kValuesPerBlock;
   const int64_t end = min(begin + kValuesPerBlock, sample_numel);
@@ -157,7 +161,13 @@ __global__ void affine_kernel(const scalar_t* __restrict__ s, Strides4 ss, scala
   for (int64_t i = begin + threadIdx.x; i < end; i += blockDim.x) {
     int64_t c, h, w;
     walk.decode(i, &c, &h, &w);
-    y[ys.offset(b, c, h, w)] = static_cast<scalar_t>(static_cast<opmath_t>(s[ss.offset(b, c, h, w)]) * a[c] + shift[c]);
+    const ShiftOffset off = shift_offset(c, walk.group, walk.reverse);
+    const int64_t sh = h + off.dh, sw = w + off.dw;
+    const bool valid = sh >= 0 && sh < walk.H && sw >= 0 && sw < walk.W;
+    const scalar_t v = valid ? x[xs.offset(b, c, sh, sw)] : scalar_t(0);
+    const int64_t o = os.offset(b, c, h, w);
+    s[o] = v;
+    y[o] = static_cast<scalar_t>(static_cast<opmath_t>(v) * a[c] + shift[c]);
   }
 }
 
@@ -236,12 +246,12 @@ dim3 sample_grid(int64_t B, int64_t sample_numel) {
   return dim3(static_cast<unsigned>(blocks), static_cast<unsigned>(B));
 }
 
-at::Tensor shift_cuda(const at::Tensor& x, int64_t n_div, bool channels_last, bool reverse) {
-  const int64_t group = check_shift_input(x, n_div, channels_last);
+at::Tensor shift_cuda(const at::Tensor& x, int64_t n_div, bool nhwc, bool reverse) {
+  const int64_t group = check_shift_input(x, n_div, nhwc);
   at::Tensor out = at::empty_like(x);
   if (x.numel() == 0) return out;
   const c10::cuda::CUDAGuard guard(x.device());
-  const at::Tensor xv = as_bchw(x, channels_last), ov = as_bchw(out, channels_last);
+  const at::Tensor xv = as_bchw(x, nhwc), ov = as_bchw(out, nhwc);
   const Walk walk = make_walk(ov, group, reverse);
   const int64_t sample_numel = xv.numel() / xv.size(0);
   const dim3 grid = sample_grid(xv.size(0), sample_numel);
@@ -258,19 +268,18 @@ at::Tensor shift_cuda(const at::Tensor& x, int64_t n_div, bool channels_last, bo
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> shift_group_norm_cuda(const at::Tensor& x, int64_t n_div,
                                                                                  const at::Tensor& weight,
                                                                                  const at::Tensor& bias, double eps,
-                                                                                 bool channels_last) {
+                                                                                 bool nhwc) {
   // named tensors, not structured bindings: lambdas below capture them, which nvcc's front end may reject
-  const ShiftGroupNormForward fwd = prepare_shift_group_norm(x, n_div, weight, bias, eps, channels_last);
+  const ShiftGroupNormForward fwd = prepare_shift_group_norm(x, n_div, weight, bias, eps, nhwc);
   const int64_t group = fwd.group;
   const at::Tensor &shifted = fwd.shifted, &normalized = fwd.normalized, &mean = fwd.mean, &rstd = fwd.rstd;
-  const at::Tensor xv = as_bchw(x, channels_last);
+  const at::Tensor xv = as_bchw(x, nhwc);
   const int64_t B = xv.size(0), C = xv.size(1);
   if (B == 0) return {shifted, normalized, mean, rstd};
   const c10::cuda::CUDAGuard guard(x.device());
 
-  const at::Tensor sv = as_bchw(shifted, channels_last), yv = as_bchw(normalized, channels_last);
+  const at::Tensor sv = as_bchw(shifted, nhwc), yv = as_bchw(normalized, nhwc);
   const Walk shift_walk = make_walk(sv, group, false);
-  const Walk plain_walk = make_walk(yv, 0, false);
   const int64_t sample_numel = xv.numel() / B;
   const dim3 grid = sample_grid(B, sample_numel);
   const auto stream = c10::cuda::getCurrentCUDAStream();
@@ -281,18 +290,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> shift_group_norm_cuda
     using opmath_t = at::opmath_type<scalar_t>;
     using stats_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     const at::Tensor coef = at::empty({B, 2, C}, x.options().dtype(c10::CppTypeToScalarType<opmath_t>::value));
+    // pass 1 reads x for the statistics, pass 2 reads it again and writes both outputs
     shift_kernel<scalar_t, true><<<grid, kThreads, 0, stream>>>(xv.const_data_ptr<scalar_t>(), strides_of(xv),
-                                                                sv.mutable_data_ptr<scalar_t>(), strides_of(sv),
-                                                                shift_walk, sample_numel, partial.mutable_data_ptr<double>());
+                                                                nullptr, strides_of(sv), shift_walk, sample_numel,
+                                                                partial.mutable_data_ptr<double>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     finish_moments_kernel<opmath_t, stats_t><<<B, kThreads, 0, stream>>>(
         partial.const_data_ptr<double>(), grid.x, static_cast<double>(sample_numel), eps, w64.const_data_ptr<double>(),
         b64.const_data_ptr<double>(), C, mean.mutable_data_ptr<stats_t>(), rstd.mutable_data_ptr<stats_t>(),
         coef.mutable_data_ptr<opmath_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    affine_kernel<scalar_t, opmath_t><<<grid, kThreads, 0, stream>>>(sv.const_data_ptr<scalar_t>(), strides_of(sv),
-                                                                     yv.mutable_data_ptr<scalar_t>(), strides_of(yv),
-                                                                     plain_walk, sample_numel, coef.const_data_ptr<opmath_t>());
+    shift_affine_kernel<scalar_t, opmath_t><<<grid, kThreads, 0, stream>>>(
+        xv.const_data_ptr<scalar_t>(), strides_of(xv), sv.mutable_data_ptr<scalar_t>(), yv.mutable_data_ptr<scalar_t>(),
+        strides_of(sv), shift_walk, sample_numel, coef.const_data_ptr<opmath_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {shifted, normalized, mean, rstd};
@@ -300,12 +310,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> shift_group_norm_cuda
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> shift_group_norm_backward_cuda(
     const std::optional<at::Tensor>& grad_shifted_opt, const at::Tensor& grad_normalized, const at::Tensor& shifted,
-    const at::Tensor& weight, const at::Tensor& mean, const at::Tensor& rstd, int64_t n_div, bool channels_last) {
+    const at::Tensor& weight, const at::Tensor& mean, const at::Tensor& rstd, int64_t n_div, bool nhwc) {
   const at::Tensor* grad_shifted = nullptr;
   const int64_t group = check_shift_group_norm_backward(grad_shifted_opt, grad_normalized, shifted, weight, mean, rstd,
-                                                        n_div, channels_last, &grad_shifted);
+                                                        n_div, nhwc, &grad_shifted);
   const bool has_gs = grad_shifted != nullptr;
-  const at::Tensor sv = as_bchw(shifted, channels_last);
+  const at::Tensor sv = as_bchw(shifted, nhwc);
   const int64_t B = sv.size(0), C = sv.size(1), H = sv.size(2), W = sv.size(3);
   at::Tensor grad_x = at::empty_like(shifted);
   if (B == 0 || sv.numel() == 0) {
@@ -314,8 +324,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> shift_group_norm_backward_cuda(
   }
   const c10::cuda::CUDAGuard guard(shifted.device());
   const auto stream = c10::cuda::getCurrentCUDAStream();
-  const at::Tensor gyv = as_bchw(grad_normalized, channels_last), dxv = as_bchw(grad_x, channels_last);
-  const at::Tensor gsv = has_gs ? as_bchw(*grad_shifted, channels_last) : at::Tensor();
+  const at::Tensor gyv = as_bchw(grad_normalized, nhwc), dxv = as_bchw(grad_x, nhwc);
+  const at::Tensor gsv = has_gs ? as_bchw(*grad_shifted, nhwc) : at::Tensor();
   const auto f64 = shifted.options().dtype(at::kDouble);
   const at::Tensor a_sums = at::empty({B, C}, f64), g_sums = at::empty({B, C}, f64), centered = at::empty({B, C}, f64);
   const at::Tensor w64 = weight.to(at::kDouble).contiguous();

@@ -41,19 +41,24 @@ class ShiftBlock(nn.Module):
 
     def __init__(self, dim: int, n_div: int = 12, mlp_ratio: float = 4.0, drop: float = 0.0,
                  drop_path: float = 0.0, act_layer: type[nn.Module] = nn.GELU,
-                 norm_layer: Callable[[int], nn.Module] | None = None, backend: str | None = None):
+                 norm_layer: Callable[[int], nn.Module] | None = None, input_resolution=None,
+                 backend: str | None = None):
         super().__init__()
         checks.check_int(dim, "dim")
         checks.check_int(n_div, "n_div")
         if not 4 <= n_div <= dim:
             raise ValueError(f"n_div must be in [4, dim] = [4, {dim}], got {n_div}")
         self.dim, self.n_div, self.mlp_ratio, self.backend = dim, n_div, mlp_ratio, backend
+        self.input_resolution = input_resolution  # accepted as the official block does (FLOP counting only)
         self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
         self.norm2 = norm_layer(dim) if norm_layer is not None else nn.GroupNorm(1, dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer, drop=drop)
 
     def _fusable_norm(self) -> bool:
-        return type(self.norm2) is nn.GroupNorm and self.norm2.num_groups == 1
+        # GroupNorm(1, C) or a subclass that keeps its forward, as SPACH's own GroupNorm(num_channels, 1)
+        norm = self.norm2
+        return (isinstance(norm, nn.GroupNorm) and norm.num_groups == 1
+                and type(norm).forward is nn.GroupNorm.forward)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._fusable_norm():

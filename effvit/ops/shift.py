@@ -28,17 +28,17 @@ def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _fake_shift(x, n_div, channels_last=False, reverse=False):
+def _fake_shift(x, n_div, nhwc=False, reverse=False):
     return torch.empty_like(x)
 
 
-def _fake_shift_group_norm(x, n_div, weight, bias, eps, channels_last=False):
+def _fake_shift_group_norm(x, n_div, weight, bias, eps, nhwc=False):
     stats = x.new_empty((x.shape[0],), dtype=_stats_dtype(x.dtype))
     return torch.empty_like(x), torch.empty_like(x), stats, torch.empty_like(stats)
 
 
 def _fake_shift_group_norm_backward(grad_shifted, grad_normalized, shifted, weight, mean, rstd, n_div,
-                                    channels_last=False):
+                                    nhwc=False):
     return torch.empty_like(shifted), torch.empty_like(weight), torch.empty_like(weight)
 
 
@@ -59,23 +59,23 @@ except ImportError:  # Triton not installed: the backend reports it (effvit.back
 
 if _triton is not None:
     @torch.library.custom_op("effvit::triton_shift", mutates_args=())
-    def _triton_shift(x: torch.Tensor, n_div: int, channels_last: bool = False,
+    def _triton_shift(x: torch.Tensor, n_div: int, nhwc: bool = False,
                       reverse: bool = False) -> torch.Tensor:
-        return _triton.shift(x, n_div, channels_last, reverse)
+        return _triton.shift(x, n_div, nhwc, reverse)
 
     @torch.library.custom_op("effvit::triton_shift_group_norm", mutates_args=())
     def _triton_shift_group_norm(x: torch.Tensor, n_div: int, weight: torch.Tensor, bias: torch.Tensor, eps: float,
-                                 channels_last: bool = False
+                                 nhwc: bool = False
                                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        return _triton.shift_group_norm(x, n_div, weight, bias, eps, channels_last)
+        return _triton.shift_group_norm(x, n_div, weight, bias, eps, nhwc)
 
     @torch.library.custom_op("effvit::triton_shift_group_norm_backward", mutates_args=())
     def _triton_shift_group_norm_backward(grad_shifted: torch.Tensor | None, grad_normalized: torch.Tensor,
                                           shifted: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor,
-                                          rstd: torch.Tensor, n_div: int, channels_last: bool = False
+                                          rstd: torch.Tensor, n_div: int, nhwc: bool = False
                                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return _triton.shift_group_norm_backward(grad_shifted, grad_normalized, shifted, weight, mean, rstd, n_div,
-                                                 channels_last)
+                                                 nhwc)
 
     for _name in _OPS:
         torch.library.register_fake(f"effvit::triton_{_name}")(_FAKES[_name])
@@ -137,32 +137,34 @@ if _triton is None:
 # ---- autograd ---------------------------------------------------------------------------------------
 
 class ShiftFunction(torch.autograd.Function):
-    """out = shift(x); the gradient is the reverse shift of the output's gradient."""
+    """out = shift(x), or its adjoint with reverse=True. The shift is linear and its gradient is the
+    reverse shift, computed by this same Function, so gradients of any order work."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, n_div: int, channels_last: bool, backend: str) -> torch.Tensor:
-        ctx.n_div, ctx.channels_last, ctx.backend = n_div, channels_last, backend
-        return op(backend, "shift")(x, n_div, channels_last, False)
+    def forward(ctx, x: torch.Tensor, n_div: int, nhwc: bool, reverse: bool, backend: str) -> torch.Tensor:
+        ctx.n_div, ctx.nhwc, ctx.reverse, ctx.backend = n_div, nhwc, reverse, backend
+        return op(backend, "shift")(x, n_div, nhwc, reverse)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
-        grad_x = op(ctx.backend, "shift")(grad_out, ctx.n_div, ctx.channels_last, True)
-        return grad_x, None, None, None
+        grad_x = ShiftFunction.apply(grad_out, ctx.n_div, ctx.nhwc, not ctx.reverse, ctx.backend)
+        return grad_x, None, None, None, None
 
 
 class ShiftGroupNormFunction(torch.autograd.Function):
     """(shifted, normalized, mean, rstd) = shift_group_norm(x); saves the shifted tensor, not x."""
 
     @staticmethod
-    def forward(ctx, x, n_div, weight, bias, eps, channels_last, backend):
-        shifted, normalized, mean, rstd = op(backend, "shift_group_norm")(x, n_div, weight, bias, eps, channels_last)
+    def forward(ctx, x, n_div, weight, bias, eps, nhwc, backend):
+        shifted, normalized, mean, rstd = op(backend, "shift_group_norm")(x, n_div, weight, bias, eps, nhwc)
         ctx.save_for_backward(shifted, weight, mean, rstd)
-        ctx.n_div, ctx.channels_last, ctx.backend = n_div, channels_last, backend
+        ctx.n_div, ctx.nhwc, ctx.backend = n_div, nhwc, backend
         ctx.mark_non_differentiable(mean, rstd)
         ctx.set_materialize_grads(False)
         return shifted, normalized, mean, rstd
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # second derivatives: not implemented, say so
     def backward(ctx, grad_shifted, grad_normalized, _grad_mean, _grad_rstd):
         shifted, weight, mean, rstd = ctx.saved_tensors
         if grad_shifted is None and grad_normalized is None:
@@ -170,7 +172,7 @@ class ShiftGroupNormFunction(torch.autograd.Function):
         if grad_normalized is None:
             grad_normalized = torch.zeros_like(shifted)
         grad_x, grad_weight, grad_bias = op(ctx.backend, "shift_group_norm_backward")(
-            grad_shifted, grad_normalized, shifted, weight, mean, rstd, ctx.n_div, ctx.channels_last)
+            grad_shifted, grad_normalized, shifted, weight, mean, rstd, ctx.n_div, ctx.nhwc)
         return (grad_x, None, grad_weight if ctx.needs_input_grad[2] else None,
                 grad_bias if ctx.needs_input_grad[3] else None, None, None, None)
 
@@ -188,13 +190,13 @@ def shift(x: torch.Tensor, n_div: int = 12, layout: str = "NCHW", backend: str |
     g = C // n_div: group 0 moves one pixel left, 1 right, 2 up, 3 down (zero fill), the rest is copied.
     Returns a new tensor of x's shape (and memory format, when x is dense).
     """
-    _, channels_last = checks.check_shift_input(x, n_div, layout)
+    _, nhwc = checks.check_shift_input(x, n_div, layout)
     chosen = backends.select("shift", backend, x)
     if chosen == "torch":
         return reference.shift(x, n_div, layout)
     if not _needs_grad(x):
-        return op(chosen, "shift")(x, n_div, channels_last, False)
-    return ShiftFunction.apply(x, n_div, channels_last, chosen)
+        return op(chosen, "shift")(x, n_div, nhwc, False)
+    return ShiftFunction.apply(x, n_div, nhwc, False, chosen)
 
 
 def shift_group_norm(x: torch.Tensor, n_div: int, weight: torch.Tensor | None = None,
@@ -205,8 +207,8 @@ def shift_group_norm(x: torch.Tensor, n_div: int, weight: torch.Tensor | None = 
     x: [B, C, H, W] (or [B, H, W, C] with layout="NHWC"); weight, bias: [C] or None.
     Returns (shifted, normalized): the ShiftViT block's shortcut and its norm2 output.
     """
-    _, channels_last = checks.check_shift_input(x, n_div, layout)
-    channels = x.shape[3 if channels_last else 1]
+    _, nhwc = checks.check_shift_input(x, n_div, layout)
+    channels = x.shape[3 if nhwc else 1]
     for name, t in (("weight", weight), ("bias", bias)):
         if t is not None:
             checks.check_channel_param(t, name, channels, x)
@@ -222,7 +224,7 @@ def shift_group_norm(x: torch.Tensor, n_div: int, weight: torch.Tensor | None = 
     if bias is None:
         bias = x.new_zeros((channels,))
     if not _needs_grad(x, weight, bias):
-        shifted, normalized, _, _ = op(chosen, "shift_group_norm")(x, n_div, weight, bias, eps, channels_last)
+        shifted, normalized, _, _ = op(chosen, "shift_group_norm")(x, n_div, weight, bias, eps, nhwc)
         return shifted, normalized
-    shifted, normalized, _, _ = ShiftGroupNormFunction.apply(x, n_div, weight, bias, eps, channels_last, chosen)
+    shifted, normalized, _, _ = ShiftGroupNormFunction.apply(x, n_div, weight, bias, eps, nhwc, chosen)
     return shifted, normalized

@@ -1,8 +1,9 @@
 """ShiftViT shift and fused shift + GroupNorm(1, C): Triton kernels and their launchers.
 
 The kernels mirror csrc/cuda/shift.cu: one lane per output value, walked in the output's memory order,
-reading its source through the shift mapping; GroupNorm statistics are float64 sums per program, reduced
-per sample on the host side with a few tiny torch ops (B or B x C values). They run on CUDA tensors,
+reading its source through the shift mapping. The fused op reads x twice, for the GroupNorm statistics
+(float64 sums per program, reduced per sample by a few tiny torch ops on B or B x C values), then to write
+both outputs, so no output is read back. They run on CUDA tensors,
 and on CPU tensors under TRITON_INTERPRET=1 (which is how the tests run them without a GPU).
 
 The launchers take and return logical tensors; torch.library registration (custom ops, fakes) lives in
@@ -62,8 +63,10 @@ def _to_acc(v, ACC: tl.constexpr):
 @triton.jit
 def _shift_kernel(x_ptr, out_ptr, partial_ptr, C, H, W, group, sample_numel,
                   xs_b, xs_c, xs_h, xs_w, os_b, os_c, os_h, os_w,
-                  CHANNEL_INNER: tl.constexpr, REVERSE: tl.constexpr, STATS: tl.constexpr, BLOCK: tl.constexpr):
-    """out = shift(x); with STATS also partial[b, pid] = (sum, sum of squares) of the shifted values."""
+                  CHANNEL_INNER: tl.constexpr, REVERSE: tl.constexpr, STATS_ONLY: tl.constexpr,
+                  BLOCK: tl.constexpr):
+    """out = shift(x); with STATS_ONLY, instead of writing, partial[b, pid] = (sum, sum of squares) of
+    the shifted values (os_* then give the walk's memory order)."""
     pid = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     i = pid * BLOCK + tl.arange(0, BLOCK)
@@ -71,30 +74,34 @@ def _shift_kernel(x_ptr, out_ptr, partial_ptr, C, H, W, group, sample_numel,
     c, h, w = _decode(i, C, H, W, CHANNEL_INNER)
     sh, sw, valid = _shift_source(c, h, w, group, H, W, REVERSE)
     v = tl.load(x_ptr + b * xs_b + c * xs_c + sh * xs_h + sw * xs_w, mask=in_range & valid, other=0.0)
-    tl.store(out_ptr + b * os_b + c * os_c + h * os_h + w * os_w, v, mask=in_range)
-    if STATS:
+    if STATS_ONLY:
         d = _to_acc(v, tl.float64)
         slot = partial_ptr + (b * tl.num_programs(0) + pid) * 2
         tl.store(slot, tl.sum(d, axis=0))
         tl.store(slot + 1, tl.sum(d * d, axis=0))
+    else:
+        tl.store(out_ptr + b * os_b + c * os_c + h * os_h + w * os_w, v, mask=in_range)
 
 
 @triton.jit
-def _affine_kernel(s_ptr, y_ptr, coef_ptr, C, H, W, sample_numel,
-                   ss_b, ss_c, ss_h, ss_w, ys_b, ys_c, ys_h, ys_w,
-                   CHANNEL_INNER: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
-    """y = s * coef[b, 0, c] + coef[b, 1, c]."""
+def _shift_affine_kernel(x_ptr, s_ptr, y_ptr, coef_ptr, C, H, W, group, sample_numel,
+                         xs_b, xs_c, xs_h, xs_w, os_b, os_c, os_h, os_w,
+                         CHANNEL_INNER: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
+    """s = shift(x) and y = s * coef[b, 0, c] + coef[b, 1, c], both from one read of x (s and y share
+    the strides os_*)."""
     pid = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     i = pid * BLOCK + tl.arange(0, BLOCK)
     in_range = i < sample_numel
     c, h, w = _decode(i, C, H, W, CHANNEL_INNER)
-    s = tl.load(s_ptr + b * ss_b + c * ss_c + h * ss_h + w * ss_w, mask=in_range, other=0.0)
-    s = _to_acc(s, ACC)
+    sh, sw, valid = _shift_source(c, h, w, group, H, W, False)
+    v = tl.load(x_ptr + b * xs_b + c * xs_c + sh * xs_h + sw * xs_w, mask=in_range & valid, other=0.0)
+    out = b * os_b + c * os_c + h * os_h + w * os_w
+    tl.store(s_ptr + out, v, mask=in_range)
     a = tl.load(coef_ptr + b * 2 * C + c, mask=in_range, other=0.0)
     shift = tl.load(coef_ptr + (b * 2 + 1) * C + c, mask=in_range, other=0.0)
-    y = s * a + shift
-    tl.store(y_ptr + b * ys_b + c * ys_c + h * ys_h + w * ys_w, y.to(y_ptr.dtype.element_ty), mask=in_range)
+    y = _to_acc(v, ACC) * a + shift
+    tl.store(y_ptr + out, y.to(y_ptr.dtype.element_ty), mask=in_range)
 
 
 @triton.jit
@@ -147,8 +154,8 @@ def _shift_grad_kernel(gs_ptr, gy_ptr, s_ptr, dx_ptr, p_ptr, qr_ptr, C, H, W, gr
 
 # ---- launchers ----------------------------------------------------------------------------------------
 
-def _bchw(t: torch.Tensor, channels_last: bool) -> torch.Tensor:
-    return t.permute(0, 3, 1, 2) if channels_last else t
+def _bchw(t: torch.Tensor, nhwc: bool) -> torch.Tensor:
+    return t.permute(0, 3, 1, 2) if nhwc else t
 
 
 def _channel_inner(out_bchw: torch.Tensor) -> bool:
@@ -169,29 +176,29 @@ def _grid(t_bchw: torch.Tensor) -> tuple[int, int]:
     return triton.cdiv(t_bchw.numel() // B, BLOCK), B
 
 
-def shift(x: torch.Tensor, n_div: int, channels_last: bool = False, reverse: bool = False) -> torch.Tensor:
-    """x: [B, C, H, W] (or [B, H, W, C] with channels_last) -> shifted, same shape."""
+def shift(x: torch.Tensor, n_div: int, nhwc: bool = False, reverse: bool = False) -> torch.Tensor:
+    """x: [B, C, H, W] (or [B, H, W, C] with nhwc) -> shifted, same shape."""
     out = torch.empty_like(x)
     if x.numel() == 0:
         return out
-    xv, ov = _bchw(x, channels_last), _bchw(out, channels_last)
+    xv, ov = _bchw(x, nhwc), _bchw(out, nhwc)
     B, C, H, W = xv.shape
     with _on_device(x):
         _shift_kernel[_grid(xv)](xv, ov, ov, C, H, W, C // n_div, xv.numel() // B, *xv.stride(), *ov.stride(),
-                                 CHANNEL_INNER=_channel_inner(ov), REVERSE=reverse, STATS=False, BLOCK=BLOCK)
+                                 CHANNEL_INNER=_channel_inner(ov), REVERSE=reverse, STATS_ONLY=False, BLOCK=BLOCK)
     return out
 
 
 def shift_group_norm(x: torch.Tensor, n_div: int, weight: torch.Tensor, bias: torch.Tensor, eps: float,
-                     channels_last: bool = False):
+                     nhwc: bool = False):
     """Returns (shifted, normalized, mean [B], rstd [B]) as effvit::shift_group_norm."""
     with _on_device(x):
-        return _shift_group_norm(x, n_div, weight, bias, eps, channels_last)
+        return _shift_group_norm(x, n_div, weight, bias, eps, nhwc)
 
 
-def _shift_group_norm(x, n_div, weight, bias, eps, channels_last):
+def _shift_group_norm(x, n_div, weight, bias, eps, nhwc):
     shifted, normalized = torch.empty_like(x), torch.empty_like(x)
-    xv, sv, yv = _bchw(x, channels_last), _bchw(shifted, channels_last), _bchw(normalized, channels_last)
+    xv, sv, yv = _bchw(x, nhwc), _bchw(shifted, nhwc), _bchw(normalized, nhwc)
     B, C, H, W = xv.shape
     acc_tl, acc_torch = _acc(x.dtype)
     stats_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
@@ -200,33 +207,34 @@ def _shift_group_norm(x, n_div, weight, bias, eps, channels_last):
         return shifted, normalized, empty, empty.clone()
     grid = _grid(xv)
     partial = torch.empty((B, grid[0], 2), dtype=torch.float64, device=x.device)
+    # pass 1 reads x for the statistics, pass 2 reads it again and writes both outputs
     _shift_kernel[grid](xv, sv, partial, C, H, W, C // n_div, xv.numel() // B, *xv.stride(), *sv.stride(),
-                        CHANNEL_INNER=_channel_inner(sv), REVERSE=False, STATS=True, BLOCK=BLOCK)
+                        CHANNEL_INNER=_channel_inner(sv), REVERSE=False, STATS_ONLY=True, BLOCK=BLOCK)
     mean, rstd = _moments(partial.sum(1), xv.numel() // B, eps)
     a = rstd[:, None] * weight.to(torch.float64)[None, :]
     coef = torch.stack([a, bias.to(torch.float64)[None, :] - mean[:, None] * a], 1).to(acc_torch).contiguous()
-    _affine_kernel[grid](sv, yv, coef, C, H, W, xv.numel() // B, *sv.stride(), *yv.stride(),
-                         CHANNEL_INNER=_channel_inner(yv), ACC=acc_tl, BLOCK=BLOCK)
+    _shift_affine_kernel[grid](xv, sv, yv, coef, C, H, W, C // n_div, xv.numel() // B, *xv.stride(), *sv.stride(),
+                               CHANNEL_INNER=_channel_inner(sv), ACC=acc_tl, BLOCK=BLOCK)
     return shifted, normalized, mean.to(stats_dtype), rstd.to(stats_dtype)
 
 
 def shift_group_norm_backward(grad_shifted: torch.Tensor | None, grad_normalized: torch.Tensor,
                               shifted: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
-                              n_div: int, channels_last: bool = False):
+                              n_div: int, nhwc: bool = False):
     """Returns (grad_x, grad_weight, grad_bias) as effvit::shift_group_norm_backward."""
     with _on_device(shifted):
         return _shift_group_norm_backward(grad_shifted, grad_normalized, shifted, weight, mean, rstd, n_div,
-                                          channels_last)
+                                          nhwc)
 
 
-def _shift_group_norm_backward(grad_shifted, grad_normalized, shifted, weight, mean, rstd, n_div, channels_last):
+def _shift_group_norm_backward(grad_shifted, grad_normalized, shifted, weight, mean, rstd, n_div, nhwc):
     grad_x = torch.empty_like(shifted)
-    sv = _bchw(shifted, channels_last)
+    sv = _bchw(shifted, nhwc)
     B, C, H, W = sv.shape
     if B == 0 or sv.numel() == 0:
         return grad_x.zero_(), weight.new_zeros((C,)), weight.new_zeros((C,))
-    gyv, dxv = _bchw(grad_normalized, channels_last), _bchw(grad_x, channels_last)
-    gsv = _bchw(grad_shifted, channels_last) if grad_shifted is not None else None
+    gyv, dxv = _bchw(grad_normalized, nhwc), _bchw(grad_x, nhwc)
+    gsv = _bchw(grad_shifted, nhwc) if grad_shifted is not None else None
     acc_tl, acc_torch = _acc(shifted.dtype)
     sums = torch.empty((B, C, 2), dtype=torch.float64, device=shifted.device)
     _channel_sums_kernel[(C, B)](gyv, sv, sums, C, H, W, *gyv.stride(), *sv.stride(), BLOCK=256)
