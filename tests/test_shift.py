@@ -47,10 +47,14 @@ def make_input(bchw, layout, memory, dtype, device=DEVICE, scale=1.0, offset=0.0
     return base((logical[0], logical[1] * 2, logical[2], logical[3] * 2))[:, ::2, :, ::2]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("memory", MEMORY)
-@pytest.mark.parametrize("dtype", ALL_DTYPES)
+def every_kernel_layout_memory_dtype(test):
+    """Runs `test` for every kernel backend, layout, memory arrangement and dtype."""
+    for name, values in (("dtype", ALL_DTYPES), ("memory", MEMORY), ("layout", LAYOUTS), ("backend", BACKENDS)):
+        test = pytest.mark.parametrize(name, values)(test)
+    return test
+
+
+@every_kernel_layout_memory_dtype
 def test_shift_matches_reference(backend, layout, memory, dtype, seed, poisoned):
     shape, n_div = random_geometry(random.Random(seed))
     x = make_input(shape, layout, memory, dtype)
@@ -60,10 +64,7 @@ def test_shift_matches_reference(backend, layout, memory, dtype, seed, poisoned)
     assert torch.equal(out, expected), f"shift differs for {shape}, n_div={n_div}"  # pure data movement: exact
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("memory", MEMORY)
-@pytest.mark.parametrize("dtype", ALL_DTYPES)
+@every_kernel_layout_memory_dtype
 def test_shift_backward_is_reverse_shift(backend, layout, memory, dtype, seed, poisoned):
     shape, n_div = random_geometry(random.Random(seed))
     x = make_input(shape, layout, memory, dtype).requires_grad_()
@@ -73,10 +74,7 @@ def test_shift_backward_is_reverse_shift(backend, layout, memory, dtype, seed, p
     assert torch.equal(g_kernel, g_ref)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("memory", MEMORY)
-@pytest.mark.parametrize("dtype", ALL_DTYPES)
+@every_kernel_layout_memory_dtype
 def test_shift_group_norm_matches_reference(backend, layout, memory, dtype, seed, poisoned):
     rng = random.Random(seed)
     shape, n_div = random_geometry(rng)
@@ -92,10 +90,7 @@ def test_shift_group_norm_matches_reference(backend, layout, memory, dtype, seed
     assert_close_rel(normalized, ref_y, dtype, f"normalized {shape} n_div={n_div}")
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("memory", MEMORY)
-@pytest.mark.parametrize("dtype", ALL_DTYPES)
+@every_kernel_layout_memory_dtype
 @pytest.mark.parametrize("uses", ["both", "normalized", "shifted"])
 def test_shift_group_norm_backward_matches_reference(backend, layout, memory, dtype, uses, seed, poisoned):
     rng = random.Random(seed)
