@@ -27,4 +27,25 @@ TORCH_LIBRARY(effvit, m) {
       " Tensor mean, Tensor rstd, int n_div, bool nhwc=False)"
       " -> (Tensor grad_x, Tensor grad_weight, Tensor grad_bias)",
       tags);
+
+  // ---- window (Swin (shifted-)window attention; the Hi-Fi half of HiLo) ----
+  // Everything between the qkv and proj GEMMs of timm's SwinTransformerBlock._attn: roll by -shift, pad to
+  // multiples of the window, partition, softmax(q*scale @ k^T + bias_table[relative index] + region mask) @ v,
+  // reverse, crop, roll back, all by index arithmetic. qkv: [B, H, W, 3C] with channels (3, heads, head_dim);
+  // bias_table: [(2wh-1)(2ww-1), heads] in the accumulation dtype (float32, float64 for float64 qkv) or
+  // None; pad_qkv: [3C], the qkv of a padding token (the qkv Linear's bias), None for zeros. The region
+  // mask (-100.0 across regions) applies when any shift is non-zero.
+  // Returns out [B, H, W, C] and the log-sum-exp of each query's logits, lse [B, heads, H, W], for backward.
+  m.def(
+      "window_attention(Tensor qkv, Tensor? bias_table, Tensor? pad_qkv, int num_heads, int[2] window,"
+      " int[2] shift, float scale) -> (Tensor out, Tensor lse)",
+      tags);
+  // Gradients recomputed from lse (no attention matrix is kept): grad_qkv [B, H, W, 3C] in qkv's dtype,
+  // grad_bias_table [(2wh-1)(2ww-1), heads] ([0] when bias_table is None) and grad_pad_qkv [3C], both in
+  // the accumulation dtype.
+  m.def(
+      "window_attention_backward(Tensor grad_out, Tensor qkv, Tensor? bias_table, Tensor? pad_qkv, Tensor out,"
+      " Tensor lse, int num_heads, int[2] window, int[2] shift, float scale)"
+      " -> (Tensor grad_qkv, Tensor grad_bias_table, Tensor grad_pad_qkv)",
+      tags);
 }

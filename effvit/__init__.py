@@ -3,6 +3,7 @@
     import effvit
     y = effvit.shift(x, n_div=12)                 # functional, x: [B, C, H, W]
     block = effvit.nn.ShiftBlock(96, n_div=12)    # drop-in module, official parameter names
+    effvit.patch.timm(swin_model)                 # fused window attention in a timm Swin, in place
     with effvit.use_backend("torch"): ...         # reference PyTorch code instead of kernels
 
 `python -m effvit.info` shows how effvit was built and which backend serves which op here.
@@ -12,7 +13,9 @@ from effvit import _extension  # first: loads effvit._C, which registers the C++
 from effvit._extension import ExtensionWarning
 from effvit.backends import BackendNotSupported, explain, get_backend, set_backend, use_backend
 from effvit.ops.shift import shift, shift_group_norm
-from effvit import nn, reference  # noqa: E402
+from effvit.ops.window import window_attention
+from effvit import nn, patch, reference  # noqa: E402
+from effvit.patch import unpatch
 
 __version__ = "0.1.0"
 
@@ -22,11 +25,14 @@ __all__ = [
     "explain",
     "get_backend",
     "nn",
+    "patch",
     "reference",
     "set_backend",
     "shift",
     "shift_group_norm",
+    "unpatch",
     "use_backend",
+    "window_attention",
 ]
 
 

@@ -76,3 +76,63 @@ def check_eps(eps) -> float:
     if not eps >= 0:
         raise ValueError(f"eps must be >= 0, got {eps}")
     return float(eps)
+
+
+def check_pair(value, name: str, minimum: int) -> tuple[int, int]:
+    """An int or a pair of ints (h, w), each >= minimum."""
+    pair = (value, value) if isinstance(value, int) and not isinstance(value, bool) else value
+    if (not isinstance(pair, (tuple, list)) or len(pair) != 2
+            or any(isinstance(v, bool) or not isinstance(v, int) for v in pair)):
+        raise TypeError(f"{name} must be an int or a pair of ints (h, w), got {value!r}")
+    if any(v < minimum for v in pair):
+        raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
+    return int(pair[0]), int(pair[1])
+
+
+def check_window_attention(qkv, num_heads, window_size, shift_size, bias_table, qkv_bias, scale,
+                           always_partition: bool) -> tuple[tuple[int, int], tuple[int, int], float]:
+    """Checks fused window attention's arguments; returns (window, shift, scale)."""
+    check_tensor(qkv, "qkv")
+    if qkv.dim() != 4:
+        raise ValueError(f"qkv must be 4-D (B, H, W, 3C), the qkv Linear's output on the (B, H, W, C) map, "
+                         f"got shape {tuple(qkv.shape)}" + (" (windows [B_, N, 3C]? use effvit.nn.WindowAttention)"
+                                                            if qkv.dim() == 3 else ""))
+    check_float(qkv, "qkv")
+    num_heads = check_int(num_heads, "num_heads")
+    if num_heads < 1:
+        raise ValueError(f"num_heads must be >= 1, got {num_heads}")
+    if qkv.shape[3] % (3 * num_heads):
+        raise ValueError(f"qkv's last dimension ({qkv.shape[3]}) must be 3 * num_heads * head_dim; it is not "
+                         f"divisible by 3 * num_heads = {3 * num_heads}")
+    window = check_pair(window_size, "window_size", 1)
+    shift = check_pair(shift_size, "shift_size", 0)
+    if any(s >= w for s, w in zip(shift, window)):
+        raise ValueError(f"shift_size {shift} must be smaller than window_size {window} in each dimension")
+    H, W = qkv.shape[1], qkv.shape[2]
+    if not always_partition and (window[0] > H or window[1] > W):
+        raise ValueError(
+            f"window_size {window} is larger than the {H}x{W} map; timm clamps the window to the map (and drops "
+            "the shift) there: effvit.reference.window.effective_window((H, W), window, shift) does the same. "
+            "Pass always_partition=True to pad the map up to a whole window instead.")
+    if max(window) > 64:
+        raise ValueError(f"window_size {window} is too large: the kernels take windows up to 64 per side")
+    heads = num_heads
+    if bias_table is not None:
+        check_tensor(bias_table, "relative_position_bias_table")
+        rows = (2 * window[0] - 1) * (2 * window[1] - 1)
+        if tuple(bias_table.shape) != (rows, heads):
+            raise ValueError(f"relative_position_bias_table must have shape [(2*wh-1)*(2*ww-1), num_heads] = "
+                             f"[{rows}, {heads}] for window {window}, got {tuple(bias_table.shape)}")
+        check_float(bias_table, "relative_position_bias_table")
+    if qkv_bias is not None:
+        check_tensor(qkv_bias, "qkv_bias")
+        if tuple(qkv_bias.shape) != (qkv.shape[3],):
+            raise ValueError(f"qkv_bias (the qkv Linear's bias, the qkv of a padding token) must have shape "
+                             f"[3C] = [{qkv.shape[3]}], got {tuple(qkv_bias.shape)}")
+        check_float(qkv_bias, "qkv_bias")
+    check_same_device({"qkv": qkv, "relative_position_bias_table": bias_table, "qkv_bias": qkv_bias})
+    if scale is None:
+        scale = (qkv.shape[3] // (3 * num_heads)) ** -0.5
+    elif isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(f"scale must be a float or None (head_dim ** -0.5), got {type(scale).__name__}")
+    return window, shift, float(scale)

@@ -42,9 +42,9 @@ def assert_close_rel(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, w
     assert err <= REL_TOL[dtype], f"{what}: relative error {err:.3g} > {REL_TOL[dtype]:.0g} for {dtype}"
 
 
-def kernel_backends(device: str = "cpu") -> list[str]:
-    """Kernel backends that can run on `device` here."""
-    fam = backends.families()["shift"]
+def kernel_backends(device: str = "cpu", family: str = "shift") -> list[str]:
+    """Kernel backends of `family` that can run on `device` here."""
+    fam = backends.families()[family]
     out = []
     for name, spec in fam.kernels.items():
         if spec.unavailable is None and device in spec.devices:

@@ -11,11 +11,7 @@
 
 #include <cstdint>
 
-#if defined(__CUDACC__)
-#define EFFVIT_HOST_DEVICE __host__ __device__ __forceinline__
-#else
-#define EFFVIT_HOST_DEVICE inline
-#endif
+#include "macros.h"
 
 namespace effvit {
 

@@ -2,5 +2,6 @@
 
 from effvit.nn.common import DropPath
 from effvit.nn.shift import Shift, ShiftBlock
+from effvit.nn.window import WindowAttention
 
-__all__ = ["DropPath", "Shift", "ShiftBlock"]
+__all__ = ["DropPath", "Shift", "ShiftBlock", "WindowAttention"]

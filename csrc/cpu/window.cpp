@@ -1,0 +1,478 @@
+// Swin (shifted-)window attention: CPU kernels.
+//
+// One task is one (image, window, head). It gathers the window's q, k and v through the roll / pad /
+// partition index arithmetic of window_geometry.h into small float buffers (padding tokens read the qkv
+// Linear's bias), computes the logits with one register-blocked GEMM micro-kernel, adds the relative
+// position bias (gathered once per call into a dense [heads, N, N] block) and the region mask (from the
+// tokens' regions, only in windows that hold several), takes the softmax with a vectorised exp, and
+// writes P @ V straight to the token's place in the [B, H, W, C] output. No attention matrix outlives the
+// task; the log-sum-exp of each row is the only thing the backward needs beyond q, k, v and the output.
+//
+// The backward recomputes P from the log-sum-exp and runs every product through the same micro-kernel
+// (transposing P and dS where a product needs them the other way round). Gradients of padding tokens
+// and of the bias table are summed per thread chunk and added in chunk order, so results do not depend
+// on thread timing.
+//
+// Buffers are padded to multiples of 16 in both the token and the head dimension and zero-filled, so
+// the micro-kernel never needs a tail; padded key columns get a logit of -1e30 and vanish in the softmax.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+#include "../common/window_checks.h"
+#include "cpu_isa.h"
+
+// The vector helpers below return 64-byte vectors by value; they are always inlined into the per-ISA
+// variants, so no call ever crosses the ABI difference GCC warns about.
+#pragma GCC diagnostic ignored "-Wpsabi"
+
+namespace effvit {
+namespace {
+
+constexpr int kPad = 16;                 // buffer padding of both dimensions
+constexpr int kRows = 4;                 // rows per micro-kernel block
+constexpr float kMaskedColumn = -1e30f;  // logit of a padded key column
+
+inline int round_up(int v, int m) { return (v + m - 1) / m * m; }
+
+// One 64-byte vector of the accumulation type (one AVX-512 register; two AVX2 or four SSE ones).
+template <typename acc_t>
+struct Vec;
+template <>
+struct Vec<float> {
+  typedef float type __attribute__((vector_size(64)));
+  static constexpr int lanes = 16;
+};
+template <>
+struct Vec<double> {
+  typedef double type __attribute__((vector_size(64)));
+  static constexpr int lanes = 8;
+};
+
+template <typename V, typename T>
+EFFVIT_ALWAYS_INLINE V vload(const T* p) {
+  V v;
+  std::memcpy(&v, p, sizeof(V));
+  return v;
+}
+
+template <typename V, typename T>
+EFFVIT_ALWAYS_INLINE void vstore(T* p, const V& v) {
+  std::memcpy(p, &v, sizeof(V));
+}
+
+// C[M x Ncols] = A[M x K] @ B[K x Ncols]; M a multiple of kRows, Ncols of the vector width. Four rows of
+// C stay in registers while the K loop streams one vector of B per step.
+template <typename acc_t>
+EFFVIT_ALWAYS_INLINE void gemm_nn(const acc_t* A, int lda, const acc_t* B, int ldb, acc_t* C, int ldc, int M, int K,
+                                  int Ncols) {
+  using V = typename Vec<acc_t>::type;
+  constexpr int L = Vec<acc_t>::lanes;
+  for (int i = 0; i < M; i += kRows) {
+    const acc_t* a0 = A + i * lda;
+    for (int jb = 0; jb < Ncols; jb += L) {
+      V c0 = {}, c1 = {}, c2 = {}, c3 = {};
+      for (int k = 0; k < K; ++k) {
+        const V b = vload<V>(B + k * ldb + jb);
+        c0 += a0[k] * b;
+        c1 += a0[lda + k] * b;
+        c2 += a0[2 * lda + k] * b;
+        c3 += a0[3 * lda + k] * b;
+      }
+      vstore(C + i * ldc + jb, c0);
+      vstore(C + (i + 1) * ldc + jb, c1);
+      vstore(C + (i + 2) * ldc + jb, c2);
+      vstore(C + (i + 3) * ldc + jb, c3);
+    }
+  }
+}
+
+// out[j * ldo + i] = in[i * ldi + j] for i < rows, j < cols.
+template <typename acc_t>
+EFFVIT_ALWAYS_INLINE void transpose(const acc_t* in, int ldi, acc_t* out, int ldo, int rows, int cols) {
+  for (int i = 0; i < rows; ++i)
+    for (int j = 0; j < cols; ++j) out[j * ldo + i] = in[i * ldi + j];
+}
+
+// exp on a vector of floats (Cephes' expf: 2^n * p(r), |r| <= ln2 / 2, ~1 ulp); exact 0 below -87.3,
+// where float underflows anyway.
+EFFVIT_ALWAYS_INLINE void vexp(Vec<float>::type* inout) {
+  using V = Vec<float>::type;
+  using I = int32_t __attribute__((vector_size(64)));
+  V x = *inout;
+  const auto underflow = x < -87.3f;  // lanes whose exp is below float's range
+  x = underflow ? V{} - 87.3f : x;
+  x = x > 88.7f ? V{} + 88.7f : x;
+  const float round_magic = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
+  const V n = (x * 1.44269504088896341f + round_magic) - round_magic;
+  const V r = x - n * 0.693359375f + n * 2.12194440e-4f;
+  V p = V{} + 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const I bits = (__builtin_convertvector(n, I) + 127) << 23;
+  V scale;
+  std::memcpy(&scale, &bits, sizeof(V));
+  *inout = underflow ? V{} : p * scale;
+}
+
+// float64 is for tests and gradcheck: plain std::exp.
+EFFVIT_ALWAYS_INLINE void vexp(Vec<double>::type* inout) {
+  for (int l = 0; l < Vec<double>::lanes; ++l) (*inout)[l] = std::exp((*inout)[l]);
+}
+
+// What every task of one call shares (read-only).
+template <typename scalar_t, typename acc_t>
+struct WindowCall {
+  WindowGeometry g;
+  int Np = 0, Dp = 0;                  // padded tokens per window, padded head_dim
+  acc_t scale = 1;
+  const scalar_t* qkv = nullptr;       // [B, H, W, 3C]
+  const scalar_t* pad_qkv = nullptr;   // [3C] or null (zeros)
+  const acc_t* bias = nullptr;         // [heads, N, Np]: bias table gathered, padded columns masked
+  const int32_t* bias_rows = nullptr;  // [N, N]: bias table row of (i, j)
+  int64_t tasks() const { return int64_t{g.B} * g.windows_per_image() * g.heads; }
+};
+
+// Per-chunk buffers: one window's operands, [Np x Dp] (token-major) or [Dp x Np] (transposed).
+template <typename acc_t>
+struct Scratch {
+  std::vector<acc_t> q, k, v, kt, s, o;
+  std::vector<acc_t> vt, dout, dp, pt, dq, dk, dv;  // backward only
+  std::vector<int32_t> pixel, region;
+  Scratch(int Np, int Dp, int N, bool backward)
+      : q(Np * Dp), k(Np * Dp), v(Np * Dp), kt(Dp * Np), s(Np * Np), o(Np * Dp), pixel(N), region(N) {
+    if (backward) {
+      for (auto* b : {&vt, &dout, &dq, &dk, &dv}) b->assign(Np * Dp, 0);
+      dp.assign(Np * Np, 0);
+      pt.assign(Np * Np, 0);
+    }
+  }
+};
+
+struct TaskIndex {
+  int b, wy, wx, h;
+};
+
+inline TaskIndex task_index(const WindowGeometry& g, int64_t t) {
+  TaskIndex ti;
+  ti.h = static_cast<int>(t % g.heads);
+  int64_t w = t / g.heads;
+  ti.wx = static_cast<int>(w % g.nww);
+  w /= g.nww;
+  ti.wy = static_cast<int>(w % g.nwh);
+  ti.b = static_cast<int>(w / g.nwh);
+  return ti;
+}
+
+// Gathers the q (times scale), k and v of one (window, head) into the scratch buffers; records each token's
+// input pixel (-1: padding) and region. Returns whether the window holds more than one region.
+template <typename scalar_t, typename acc_t>
+EFFVIT_ALWAYS_INLINE bool gather_window(const WindowCall<scalar_t, acc_t>& c, const TaskIndex& ti,
+                                        Scratch<acc_t>& s) {
+  const WindowGeometry& g = c.g;
+  const int C = g.C(), D = g.head_dim;
+  const int64_t image = int64_t{ti.b} * g.H * g.W;
+  bool several_regions = false;
+  for (int t = 0; t < g.N; ++t) {
+    const int r = g.row(ti.wy, t), col = g.col(ti.wx, t);
+    const int pix = g.source_pixel(r, col);
+    s.pixel[t] = pix;
+    s.region[t] = g.shifted ? g.region(r, col) : 0;
+    several_regions |= s.region[t] != s.region[0];
+    const scalar_t* src = pix >= 0 ? c.qkv + (image + pix) * 3 * C : c.pad_qkv;
+    acc_t* q = s.q.data() + t * c.Dp;
+    acc_t* k = s.k.data() + t * c.Dp;
+    acc_t* v = s.v.data() + t * c.Dp;
+    if (src == nullptr) {  // padding token without a qkv bias
+      std::fill(q, q + D, acc_t(0));
+      std::fill(k, k + D, acc_t(0));
+      std::fill(v, v + D, acc_t(0));
+    } else {
+      const scalar_t* sq = src + ti.h * D;
+      for (int d = 0; d < D; ++d) {
+        q[d] = static_cast<acc_t>(sq[d]) * c.scale;
+        k[d] = static_cast<acc_t>(sq[C + d]);
+        v[d] = static_cast<acc_t>(sq[2 * C + d]);
+      }
+    }
+    for (int d = 0; d < D; ++d) s.kt[d * c.Np + t] = k[d];
+  }
+  return several_regions;
+}
+
+// logits = q k^T + bias (+ region mask) in s.s, rows [0, rows).
+template <typename scalar_t, typename acc_t>
+EFFVIT_ALWAYS_INLINE void window_logits(const WindowCall<scalar_t, acc_t>& c, const TaskIndex& ti, Scratch<acc_t>& s,
+                                        bool several_regions, int rows) {
+  using V = typename Vec<acc_t>::type;
+  constexpr int L = Vec<acc_t>::lanes;
+  const int Np = c.Np, N = c.g.N;
+  gemm_nn(s.q.data(), c.Dp, s.kt.data(), Np, s.s.data(), Np, rows, c.g.head_dim, Np);
+  const acc_t* bias = c.bias + int64_t{ti.h} * N * Np;
+  for (int i = 0; i < std::min(rows, N); ++i) {
+    acc_t* srow = s.s.data() + i * Np;
+    for (int j = 0; j < Np; j += L) vstore(srow + j, vload<V>(srow + j) + vload<V>(bias + i * Np + j));
+    if (several_regions) {
+      for (int j = 0; j < N; ++j)
+        if (s.region[i] != s.region[j]) srow[j] += static_cast<acc_t>(kSwinMaskValue);
+    }
+  }
+}
+
+// Row i of s.s becomes exp(logit - shift) in place; returns the row's sum.
+template <typename acc_t>
+EFFVIT_ALWAYS_INLINE acc_t exp_row(acc_t* row, int Np, acc_t shift) {
+  using V = typename Vec<acc_t>::type;
+  constexpr int L = Vec<acc_t>::lanes;
+  V sum = {};
+  for (int j = 0; j < Np; j += L) {
+    V e = vload<V>(row + j) - shift;
+    vexp(&e);
+    vstore(row + j, e);
+    sum += e;
+  }
+  acc_t total = 0;
+  for (int l = 0; l < L; ++l) total += sum[l];
+  return total;
+}
+
+template <typename scalar_t, typename acc_t>
+EFFVIT_ALWAYS_INLINE void window_forward_body(const WindowCall<scalar_t, acc_t>* call, scalar_t* out, acc_t* lse,
+                                              int64_t begin, int64_t end) {
+  const WindowCall<scalar_t, acc_t>& c = *call;
+  const WindowGeometry& g = c.g;
+  const int N = g.N, Np = c.Np, Dp = c.Dp, D = g.head_dim, C = g.C();
+  const int rows = round_up(N, kRows);
+  const int64_t HW = int64_t{g.H} * g.W;
+  Scratch<acc_t> s(Np, Dp, N, false);
+  std::vector<acc_t> inv_sum(N);
+  for (int64_t t = begin; t < end; ++t) {
+    const TaskIndex ti = task_index(g, t);
+    const bool several = gather_window(c, ti, s);
+    window_logits(c, ti, s, several, rows);
+    for (int i = 0; i < N; ++i) {
+      acc_t* row = s.s.data() + i * Np;
+      if (s.pixel[i] < 0) {  // a padding query: cropped, so skip its softmax
+        std::fill(row, row + Np, acc_t(0));
+        continue;
+      }
+      acc_t m = row[0];
+      for (int j = 1; j < N; ++j) m = std::max(m, row[j]);
+      const acc_t sum = exp_row(row, Np, m);
+      inv_sum[i] = acc_t(1) / sum;
+      lse[(int64_t{ti.b} * g.heads + ti.h) * HW + s.pixel[i]] = m + std::log(sum);
+    }
+    gemm_nn(s.s.data(), Np, s.v.data(), Dp, s.o.data(), Dp, rows, N, Dp);
+    for (int i = 0; i < N; ++i) {
+      if (s.pixel[i] < 0) continue;
+      scalar_t* dst = out + (int64_t{ti.b} * HW + s.pixel[i]) * C + ti.h * D;
+      const acc_t* o = s.o.data() + i * Dp;
+      for (int d = 0; d < D; ++d) dst[d] = static_cast<scalar_t>(o[d] * inv_sum[i]);
+    }
+  }
+}
+EFFVIT_CPU_ISA_VARIANTS(window_forward_range, window_forward_body)
+
+template <typename scalar_t, typename acc_t>
+EFFVIT_ALWAYS_INLINE void window_backward_body(const WindowCall<scalar_t, acc_t>* call, const scalar_t* grad_out,
+                                               const scalar_t* out, const acc_t* lse, scalar_t* grad_qkv,
+                                               acc_t* grad_bias, acc_t* grad_pad, int64_t begin, int64_t end) {
+  using V = typename Vec<acc_t>::type;
+  constexpr int L = Vec<acc_t>::lanes;
+  const WindowCall<scalar_t, acc_t>& c = *call;
+  const WindowGeometry& g = c.g;
+  const int N = g.N, Np = c.Np, Dp = c.Dp, D = g.head_dim, C = g.C();
+  const int rows = round_up(N, kRows);
+  const int table_rows = g.table_rows();
+  const int64_t HW = int64_t{g.H} * g.W;
+  Scratch<acc_t> s(Np, Dp, N, true);
+  std::vector<acc_t> delta(N);
+  for (int64_t t = begin; t < end; ++t) {
+    const TaskIndex ti = task_index(g, t);
+    const bool several = gather_window(c, ti, s);
+    window_logits(c, ti, s, several, rows);
+    const int64_t head_base = (int64_t{ti.b} * g.heads + ti.h) * HW;
+    // P from the saved log-sum-exp; dO, D_i = dO_i . O_i; V^T for dP = dO V^T
+    for (int i = 0; i < N; ++i) {
+      acc_t* prow = s.s.data() + i * Np;
+      acc_t* dorow = s.dout.data() + i * Dp;
+      if (s.pixel[i] < 0) {
+        std::fill(prow, prow + Np, acc_t(0));
+        std::fill(dorow, dorow + D, acc_t(0));
+        delta[i] = 0;
+        continue;
+      }
+      exp_row(prow, Np, lse[head_base + s.pixel[i]]);
+      const int64_t at = (int64_t{ti.b} * HW + s.pixel[i]) * C + ti.h * D;
+      acc_t dot = 0;
+      for (int d = 0; d < D; ++d) {
+        dorow[d] = static_cast<acc_t>(grad_out[at + d]);
+        dot += dorow[d] * static_cast<acc_t>(out[at + d]);
+      }
+      delta[i] = dot;
+    }
+    for (int j = 0; j < N; ++j)
+      for (int d = 0; d < D; ++d) s.vt[d * Np + j] = s.v[j * Dp + d];
+    // dV = P^T dO
+    transpose(s.s.data(), Np, s.pt.data(), Np, N, N);
+    gemm_nn(s.pt.data(), Np, s.dout.data(), Dp, s.dv.data(), Dp, rows, N, Dp);
+    // dS = P * (dO V^T - D_i), over real query rows; the bias table gets dS
+    gemm_nn(s.dout.data(), Dp, s.vt.data(), Np, s.dp.data(), Np, rows, D, Np);
+    acc_t* gb = grad_bias + int64_t{ti.h} * table_rows;
+    for (int i = 0; i < N; ++i) {
+      acc_t* ds = s.dp.data() + i * Np;
+      const acc_t* p = s.s.data() + i * Np;
+      for (int j = 0; j < Np; j += L) vstore(ds + j, vload<V>(p + j) * (vload<V>(ds + j) - delta[i]));
+      if (s.pixel[i] < 0) continue;
+      if (grad_bias != nullptr) {
+        const int32_t* brow = c.bias_rows + i * N;
+        for (int j = 0; j < N; ++j) gb[brow[j]] += ds[j];
+      }
+    }
+    // dQ = scale dS K, dK = dS^T (q * scale)
+    gemm_nn(s.dp.data(), Np, s.k.data(), Dp, s.dq.data(), Dp, rows, N, Dp);
+    transpose(s.dp.data(), Np, s.pt.data(), Np, N, N);
+    gemm_nn(s.pt.data(), Np, s.q.data(), Dp, s.dk.data(), Dp, rows, N, Dp);
+    for (int j = 0; j < N; ++j) {
+      const acc_t* dq = s.dq.data() + j * Dp;
+      const acc_t* dk = s.dk.data() + j * Dp;
+      const acc_t* dv = s.dv.data() + j * Dp;
+      if (s.pixel[j] < 0) {  // padding token: its k and v are pad_qkv's, whose gradient sums over them
+        acc_t* pk = grad_pad + C + ti.h * D;
+        for (int d = 0; d < D; ++d) {
+          pk[d] += dk[d];
+          pk[C + d] += dv[d];
+        }
+        continue;
+      }
+      scalar_t* dst = grad_qkv + (int64_t{ti.b} * HW + s.pixel[j]) * 3 * C + ti.h * D;
+      for (int d = 0; d < D; ++d) {
+        dst[d] = static_cast<scalar_t>(dq[d] * c.scale);
+        dst[C + d] = static_cast<scalar_t>(dk[d]);
+        dst[2 * C + d] = static_cast<scalar_t>(dv[d]);
+      }
+    }
+  }
+}
+EFFVIT_CPU_ISA_VARIANTS(window_backward_range, window_backward_body)
+
+// The per-call shared state: bias table gathered to [heads, N, Np] with padded columns masked, and the
+// bias row of each (i, j).
+template <typename scalar_t, typename acc_t>
+struct WindowCallStorage {
+  WindowCall<scalar_t, acc_t> call;
+  std::vector<acc_t> bias;
+  std::vector<int32_t> bias_rows;
+
+  WindowCallStorage(const WindowInputs& in, double scale) {
+    WindowCall<scalar_t, acc_t>& c = call;
+    c.g = in.geo;
+    const WindowGeometry& g = c.g;
+    c.Np = round_up(g.N, kPad);
+    c.Dp = round_up(g.head_dim, kPad);
+    c.scale = static_cast<acc_t>(scale);
+    c.qkv = in.qkv.data_ptr<scalar_t>();
+    c.pad_qkv = in.pad_qkv.defined() ? in.pad_qkv.data_ptr<scalar_t>() : nullptr;
+    bias_rows.resize(int64_t{g.N} * g.N);
+    for (int i = 0; i < g.N; ++i)
+      for (int j = 0; j < g.N; ++j) bias_rows[i * g.N + j] = g.bias_row(i, j);
+    bias.assign(int64_t{g.heads} * g.N * c.Np, static_cast<acc_t>(kMaskedColumn));
+    const acc_t* table = in.bias_table.defined() ? in.bias_table.data_ptr<acc_t>() : nullptr;
+    for (int h = 0; h < g.heads; ++h)
+      for (int i = 0; i < g.N; ++i)
+        for (int j = 0; j < g.N; ++j)
+          bias[(int64_t{h} * g.N + i) * c.Np + j] = table ? table[bias_rows[i * g.N + j] * g.heads + h] : acc_t(0);
+    c.bias = bias.data();
+    c.bias_rows = bias_rows.data();
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor> window_attention_cpu(const at::Tensor& qkv_in,
+                                                        const std::optional<at::Tensor>& bias_table,
+                                                        const std::optional<at::Tensor>& pad_qkv, int64_t num_heads,
+                                                        at::IntArrayRef window, at::IntArrayRef shift, double scale) {
+  const WindowInputs in = prepare_window_inputs(qkv_in, bias_table, pad_qkv, num_heads, window, shift);
+  const WindowGeometry& g = in.geo;
+  auto out = at::empty({g.B, g.H, g.W, g.C()}, in.qkv.options());
+  auto lse = at::empty({g.B, g.heads, g.H, g.W}, in.qkv.options().dtype(window_acc_dtype(in.qkv.scalar_type())));
+  if (out.numel() == 0) return {out, lse};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.qkv.scalar_type(), "window_attention_cpu", [&] {
+    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    const WindowCallStorage<scalar_t, acc_t> storage(in, scale);
+    const auto* call = &storage.call;
+    scalar_t* out_ptr = out.data_ptr<scalar_t>();
+    acc_t* lse_ptr = lse.data_ptr<acc_t>();
+    at::parallel_for(0, call->tasks(), 1, [&](int64_t begin, int64_t end) {
+      window_forward_range(call, out_ptr, lse_ptr, begin, end);
+    });
+  });
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> window_attention_backward_cpu(
+    const at::Tensor& grad_out_in, const at::Tensor& qkv_in, const std::optional<at::Tensor>& bias_table,
+    const std::optional<at::Tensor>& pad_qkv, const at::Tensor& out_in, const at::Tensor& lse_in, int64_t num_heads,
+    at::IntArrayRef window, at::IntArrayRef shift, double scale) {
+  const WindowInputs in = prepare_window_inputs(qkv_in, bias_table, pad_qkv, num_heads, window, shift);
+  check_window_backward(in, grad_out_in, out_in, lse_in);
+  const WindowGeometry& g = in.geo;
+  const auto acc_opts = in.qkv.options().dtype(window_acc_dtype(in.qkv.scalar_type()));
+  auto grad_qkv = at::empty_like(in.qkv);
+  const bool has_table = in.bias_table.defined();
+  auto grad_table = has_table ? at::zeros({g.table_rows(), g.heads}, acc_opts) : at::zeros({0}, acc_opts);
+  auto grad_pad = at::zeros({3 * g.C()}, acc_opts);
+  if (grad_qkv.numel() == 0) return {grad_qkv, grad_table, grad_pad};
+  const at::Tensor grad_out = grad_out_in.contiguous(), out = out_in.contiguous(), lse = lse_in.contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.qkv.scalar_type(), "window_attention_backward_cpu", [&] {
+    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    const WindowCallStorage<scalar_t, acc_t> storage(in, scale);
+    const auto* call = &storage.call;
+    const int64_t tasks = call->tasks();
+    // one partial sum of the bias-table and padding gradients per chunk, added in chunk order
+    const int64_t chunks = std::min<int64_t>(tasks, at::get_num_threads());
+    const int64_t table_size = int64_t{g.heads} * g.table_rows(), pad_size = 3 * g.C();
+    std::vector<acc_t> partial(chunks * (table_size + pad_size), acc_t(0));
+    const scalar_t* go = grad_out.data_ptr<scalar_t>();
+    const scalar_t* o = out.data_ptr<scalar_t>();
+    const acc_t* l = lse.data_ptr<acc_t>();
+    scalar_t* gq = grad_qkv.data_ptr<scalar_t>();
+    at::parallel_for(0, chunks, 1, [&](int64_t cb, int64_t ce) {
+      for (int64_t chunk = cb; chunk < ce; ++chunk) {
+        acc_t* gb = partial.data() + chunk * (table_size + pad_size);
+        window_backward_range(call, go, o, l, gq, has_table ? gb : static_cast<acc_t*>(nullptr), gb + table_size,
+                              tasks * chunk / chunks, tasks * (chunk + 1) / chunks);
+      }
+    });
+    // partials hold the table as [heads, rows]; the gradient is [rows, heads] like the table
+    acc_t* gt = grad_table.data_ptr<acc_t>();
+    acc_t* gp = grad_pad.data_ptr<acc_t>();
+    for (int64_t chunk = 0; chunk < chunks; ++chunk) {
+      const acc_t* gb = partial.data() + chunk * (table_size + pad_size);
+      if (has_table)
+        for (int h = 0; h < g.heads; ++h)
+          for (int r = 0; r < g.table_rows(); ++r) gt[r * g.heads + h] += gb[h * g.table_rows() + r];
+      for (int64_t k = 0; k < pad_size; ++k) gp[k] += gb[table_size + k];
+    }
+  });
+  return {grad_qkv, grad_table, grad_pad};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(effvit, CPU, m) {
+  m.impl("window_attention", &window_attention_cpu);
+  m.impl("window_attention_backward", &window_attention_backward_cpu);
+}
+
+}  // namespace effvit

@@ -1,0 +1,81 @@
+"""Drop-in modules for Swin's (shifted-)window attention, with timm's parameter names."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from effvit import checks
+from effvit.ops import window as window_ops
+from effvit.reference import window as reference
+
+
+def fused_swin_attention(x: torch.Tensor, attn: nn.Module, window, shift, always_partition: bool = True,
+                         backend: str | None = None) -> torch.Tensor:
+    """timm's SwinTransformerBlock._attn with the fused core: x: [B, H, W, C] -> [B, H, W, C].
+
+    ``attn`` is a timm-style WindowAttention (``qkv``, ``proj``, ``relative_position_bias_table``,
+    ``num_heads``, ``scale``); ``window`` and ``shift`` are the block's (already clamped) sizes. The qkv Linear
+    runs on the unpadded map and proj on the output tokens only; the core never materialises the rolled,
+    padded or partitioned map. Attention dropout in training is not fused: that case runs the reference.
+    """
+    attn_drop = getattr(attn, "attn_drop", None)
+    if attn.training and isinstance(attn_drop, nn.Dropout) and attn_drop.p > 0:
+        return reference.swin_attention(x, attn, window, shift)
+    qkv = F.linear(x, attn.qkv.weight, attn.qkv.bias)
+    out = window_ops.window_attention(qkv, attn.num_heads, window, shift, attn.relative_position_bias_table,
+                                      attn.qkv.bias, attn.scale, always_partition, backend)
+    return attn.proj_drop(attn.proj(out))
+
+
+class WindowAttention(nn.Module):
+    """Window multi-head self-attention with relative position bias (W-MSA / SW-MSA), fused.
+
+    Same parameters and state_dict keys as timm's and the official WindowAttention (``qkv.*``, ``proj.*``,
+    ``relative_position_bias_table``), so their weights load unchanged.
+
+    forward(x [B_, N, C], mask=None): timm's signature, on windows that are already partitioned.
+    forward_map(x [B, H, W, C], shift_size=0): the whole (shifted-)window path of a Swin block (roll, pad,
+    partition, attention, reverse, crop, roll back) with the fused core; this is the fast path.
+    """
+
+    def __init__(self, dim: int, window_size, num_heads: int, qkv_bias: bool = True, qk_scale: float | None = None,
+                 attn_drop: float = 0.0, proj_drop: float = 0.0, backend: str | None = None):
+        super().__init__()
+        checks.check_int(dim, "dim")
+        checks.check_int(num_heads, "num_heads")
+        if num_heads < 1 or dim % num_heads:
+            raise ValueError(f"dim ({dim}) must be divisible by num_heads ({num_heads})")
+        self.dim, self.num_heads, self.backend = dim, num_heads, backend
+        self.window_size = checks.check_pair(window_size, "window_size", 1)
+        head_dim = dim // num_heads
+        self.scale = qk_scale or head_dim ** -0.5
+        wh, ww = self.window_size
+        self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * wh - 1) * (2 * ww - 1), num_heads))
+        nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.attn_drop = nn.Dropout(attn_drop)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        if x.dim() != 3 or x.shape[1] != self.window_size[0] * self.window_size[1] or x.shape[2] != self.dim:
+            raise ValueError(f"x must be windows [B_, N, C] with N = {self.window_size[0] * self.window_size[1]} "
+                             f"and C = {self.dim}, got {tuple(x.shape)} (for a [B, H, W, C] map use forward_map)")
+        if mask is not None or (self.training and self.attn_drop.p > 0):
+            # an arbitrary additive mask or attention dropout: the reference path
+            return reference.WindowAttention.forward(self, x, mask)
+        B_ = x.shape[0]
+        out = fused_swin_attention(x.view(B_, *self.window_size, self.dim), self, self.window_size, (0, 0),
+                                   backend=self.backend)
+        return out.view(B_, -1, self.dim)
+
+    def forward_map(self, x: torch.Tensor, shift_size=0, always_partition: bool = False) -> torch.Tensor:
+        if x.dim() != 4 or x.shape[3] != self.dim:
+            raise ValueError(f"x must be a [B, H, W, C] map with C = {self.dim}, got {tuple(x.shape)}")
+        return fused_swin_attention(x, self, self.window_size, checks.check_pair(shift_size, "shift_size", 0),
+                                    always_partition, self.backend)
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, window_size={self.window_size}, num_heads={self.num_heads}"
