@@ -107,3 +107,23 @@ def test_cuda_without_gpu_exits_2():
         pytest.skip("there is a GPU")
     out = _bench("--device", "cuda")
     assert out.returncode == 2 and "no CUDA GPU" in out.stderr
+
+
+def test_window_suite_lists_peers():
+    out = _bench("--list", "--family", "window", "--shape", "7x7x768", "--batch", "1")
+    assert out.returncode == 0, out.stderr
+    text = out.stdout
+    assert "window/core B1 H7 W7 C768 heads24 ws7 shift0 float32" in text
+    for impl in ("eager", "timm-sdpa", "compile"):
+        assert f"run   {impl}" in text
+    assert "skip  flex" in text or "run   flex" in text
+
+
+def test_window_core_tiny_run():
+    result = effvit.bench.run(["window"], ops=["core", "attn"], shapes=["7x7x768"], batches=[1], peers=True,
+                              measure_peaks=False, memory=False, backward=True,
+                              policy=effvit.bench.timing.TimingPolicy(budget_s=0.01, min_repeats=2, warmup=1))
+    ok = {(r["op"], r["impl"], r["direction"]) for r in result["records"] if r["status"] == "ok"}
+    for op in ("core", "attn"):
+        for impl in ("effvit:cpu", "eager", "timm-sdpa"):
+            assert (op, impl, "fwd+bwd") in ok, (op, impl, sorted(ok))

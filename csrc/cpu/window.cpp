@@ -13,7 +13,7 @@
 // and of the bias table are summed per thread chunk and added in chunk order, so results do not depend
 // on thread timing.
 //
-// Buffers are padded to multiples of 16 in both the token and the head dimension and zero-filled, so
+// Buffers are padded to multiples of 32 in both the token and the head dimension and zero-filled, so
 // the micro-kernel never needs a tail; padded key columns get a logit of -1e30 and vanish in the softmax.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -36,7 +36,7 @@
 namespace effvit {
 namespace {
 
-constexpr int kPad = 16;                 // buffer padding of both dimensions
+constexpr int kPad = 32;                 // buffer padding of both dimensions: two float vectors
 constexpr int kRows = 4;                 // rows per micro-kernel block
 constexpr float kMaskedColumn = -1e30f;  // logit of a padded key column
 
@@ -68,28 +68,39 @@ EFFVIT_ALWAYS_INLINE void vstore(T* p, const V& v) {
   std::memcpy(p, &v, sizeof(V));
 }
 
-// C[M x Ncols] = A[M x K] @ B[K x Ncols]; M a multiple of kRows, Ncols of the vector width. Four rows of
-// C stay in registers while the K loop streams one vector of B per step.
+// C[M x Ncols] = A[M x K] @ B[K x Ncols]; M a multiple of kRows, Ncols of two vectors. A block of four
+// rows by two vectors of C (eight accumulators: enough independent FMAs to cover their latency) stays in
+// registers while the K loop streams two vectors of B and broadcasts four values of A per step.
 template <typename acc_t>
-EFFVIT_ALWAYS_INLINE void gemm_nn(const acc_t* A, int lda, const acc_t* B, int ldb, acc_t* C, int ldc, int M, int K,
-                                  int Ncols) {
+EFFVIT_ALWAYS_INLINE void gemm_nn(const acc_t* __restrict__ A, int lda, const acc_t* __restrict__ B, int ldb,
+                                  acc_t* __restrict__ C, int ldc, int M, int K, int Ncols) {
   using V = typename Vec<acc_t>::type;
   constexpr int L = Vec<acc_t>::lanes;
   for (int i = 0; i < M; i += kRows) {
     const acc_t* a0 = A + i * lda;
-    for (int jb = 0; jb < Ncols; jb += L) {
-      V c0 = {}, c1 = {}, c2 = {}, c3 = {};
+    for (int jb = 0; jb < Ncols; jb += 2 * L) {
+      V c00 = {}, c10 = {}, c20 = {}, c30 = {}, c01 = {}, c11 = {}, c21 = {}, c31 = {};
       for (int k = 0; k < K; ++k) {
-        const V b = vload<V>(B + k * ldb + jb);
-        c0 += a0[k] * b;
-        c1 += a0[lda + k] * b;
-        c2 += a0[2 * lda + k] * b;
-        c3 += a0[3 * lda + k] * b;
+        const V b0 = vload<V>(B + k * ldb + jb), b1 = vload<V>(B + k * ldb + jb + L);
+        const acc_t x0 = a0[k], x1 = a0[lda + k], x2 = a0[2 * lda + k], x3 = a0[3 * lda + k];
+        c00 += x0 * b0;
+        c01 += x0 * b1;
+        c10 += x1 * b0;
+        c11 += x1 * b1;
+        c20 += x2 * b0;
+        c21 += x2 * b1;
+        c30 += x3 * b0;
+        c31 += x3 * b1;
       }
-      vstore(C + i * ldc + jb, c0);
-      vstore(C + (i + 1) * ldc + jb, c1);
-      vstore(C + (i + 2) * ldc + jb, c2);
-      vstore(C + (i + 3) * ldc + jb, c3);
+      acc_t* c = C + i * ldc + jb;
+      vstore(c, c00);
+      vstore(c + L, c01);
+      vstore(c + ldc, c10);
+      vstore(c + ldc + L, c11);
+      vstore(c + 2 * ldc, c20);
+      vstore(c + 2 * ldc + L, c21);
+      vstore(c + 3 * ldc, c30);
+      vstore(c + 3 * ldc + L, c31);
     }
   }
 }
@@ -175,15 +186,26 @@ inline TaskIndex task_index(const WindowGeometry& g, int64_t t) {
   return ti;
 }
 
-// Gathers the q (times scale), k and v of one (window, head) into the scratch buffers; records each token's
-// input pixel (-1: padding) and region. Returns whether the window holds more than one region.
+// dst[d] = src[d] * mul (restrict: lets the compiler vectorise the conversion and keep mul in a register).
+template <typename scalar_t, typename acc_t>
+EFFVIT_ALWAYS_INLINE void load_row(const scalar_t* __restrict__ src, acc_t* __restrict__ dst, int D, acc_t mul) {
+  for (int d = 0; d < D; ++d) dst[d] = static_cast<acc_t>(src[d]) * mul;
+}
+
+// Gathers the q (times scale), k and v of one (window, head) into the scratch buffers, and k transposed;
+// records each token's input pixel (-1: padding) and region. Returns whether the window holds more than
+// one region.
 template <typename scalar_t, typename acc_t>
 EFFVIT_ALWAYS_INLINE bool gather_window(const WindowCall<scalar_t, acc_t>& c, const TaskIndex& ti,
                                         Scratch<acc_t>& s) {
   const WindowGeometry& g = c.g;
-  const int C = g.C(), D = g.head_dim;
+  const int C = g.C(), D = g.head_dim, Np = c.Np, Dp = c.Dp;
   const int64_t image = int64_t{ti.b} * g.H * g.W;
+  const acc_t scale = c.scale;
   bool several_regions = false;
+  acc_t* __restrict__ q = s.q.data();
+  acc_t* __restrict__ k = s.k.data();
+  acc_t* __restrict__ v = s.v.data();
   for (int t = 0; t < g.N; ++t) {
     const int r = g.row(ti.wy, t), col = g.col(ti.wx, t);
     const int pix = g.source_pixel(r, col);
@@ -191,24 +213,37 @@ EFFVIT_ALWAYS_INLINE bool gather_window(const WindowCall<scalar_t, acc_t>& c, co
     s.region[t] = g.shifted ? g.region(r, col) : 0;
     several_regions |= s.region[t] != s.region[0];
     const scalar_t* src = pix >= 0 ? c.qkv + (image + pix) * 3 * C : c.pad_qkv;
-    acc_t* q = s.q.data() + t * c.Dp;
-    acc_t* k = s.k.data() + t * c.Dp;
-    acc_t* v = s.v.data() + t * c.Dp;
     if (src == nullptr) {  // padding token without a qkv bias
-      std::fill(q, q + D, acc_t(0));
-      std::fill(k, k + D, acc_t(0));
-      std::fill(v, v + D, acc_t(0));
-    } else {
-      const scalar_t* sq = src + ti.h * D;
-      for (int d = 0; d < D; ++d) {
-        q[d] = static_cast<acc_t>(sq[d]) * c.scale;
-        k[d] = static_cast<acc_t>(sq[C + d]);
-        v[d] = static_cast<acc_t>(sq[2 * C + d]);
-      }
+      std::fill(q + t * Dp, q + t * Dp + D, acc_t(0));
+      std::fill(k + t * Dp, k + t * Dp + D, acc_t(0));
+      std::fill(v + t * Dp, v + t * Dp + D, acc_t(0));
+      continue;
     }
-    for (int d = 0; d < D; ++d) s.kt[d * c.Np + t] = k[d];
+    src += ti.h * D;
+    load_row(src, q + t * Dp, D, scale);
+    load_row(src + C, k + t * Dp, D, acc_t(1));
+    load_row(src + 2 * C, v + t * Dp, D, acc_t(1));
   }
+  acc_t* __restrict__ kt = s.kt.data();
+  for (int d = 0; d < D; ++d)
+    for (int t = 0; t < g.N; ++t) kt[d * Np + t] = k[t * Dp + d];
   return several_regions;
+}
+
+// Asks for the q, k and v rows of a task ahead of time: they are scattered over the map (one short run per
+// token and head), too irregular for the hardware prefetcher, and the next task's GEMMs hide the wait.
+template <typename scalar_t, typename acc_t>
+EFFVIT_ALWAYS_INLINE void prefetch_window(const WindowCall<scalar_t, acc_t>& c, const TaskIndex& ti) {
+  const WindowGeometry& g = c.g;
+  const int C = g.C(), bytes = g.head_dim * static_cast<int>(sizeof(scalar_t));
+  const int64_t image = int64_t{ti.b} * g.H * g.W;
+  for (int t = 0; t < g.N; ++t) {
+    const int pix = g.source_pixel(g.row(ti.wy, t), g.col(ti.wx, t));
+    if (pix < 0) continue;
+    const char* src = reinterpret_cast<const char*>(c.qkv + (image + pix) * 3 * C + ti.h * g.head_dim);
+    for (int part = 0; part < 3; ++part)
+      for (int off = 0; off < bytes; off += 64) __builtin_prefetch(src + part * C * sizeof(scalar_t) + off);
+  }
 }
 
 // logits = q k^T + bias (+ region mask) in s.s, rows [0, rows).
@@ -260,6 +295,7 @@ EFFVIT_ALWAYS_INLINE void window_forward_body(const WindowCall<scalar_t, acc_t>*
   for (int64_t t = begin; t < end; ++t) {
     const TaskIndex ti = task_index(g, t);
     const bool several = gather_window(c, ti, s);
+    if (t + 1 < end) prefetch_window(c, task_index(g, t + 1));
     window_logits(c, ti, s, several, rows);
     for (int i = 0; i < N; ++i) {
       acc_t* row = s.s.data() + i * Np;
@@ -301,6 +337,7 @@ EFFVIT_ALWAYS_INLINE void window_backward_body(const WindowCall<scalar_t, acc_t>
   for (int64_t t = begin; t < end; ++t) {
     const TaskIndex ti = task_index(g, t);
     const bool several = gather_window(c, ti, s);
+    if (t + 1 < end) prefetch_window(c, task_index(g, t + 1));
     window_logits(c, ti, s, several, rows);
     const int64_t head_base = (int64_t{ti.b} * g.heads + ti.h) * HW;
     // P from the saved log-sum-exp; dO, D_i = dO_i . O_i; V^T for dP = dO V^T

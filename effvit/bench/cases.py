@@ -79,17 +79,19 @@ def shapes(family: str) -> dict[str, dict]:
 
 def _load_families() -> None:
     if not _SUITES:
-        from effvit.bench import shift_suite  # noqa: F401
+        from effvit.bench import shift_suite, window_suite  # noqa: F401
 
 
-def kernel_impls(family: str, x: torch.Tensor, wanted: tuple[str, ...] | None, factory) -> tuple[dict, dict]:
-    """effvit's backends for a case: the ones that can run it, and why the others are skipped."""
+def kernel_impls(family: str, x: torch.Tensor, wanted: tuple[str, ...] | None, factory,
+                 args: tuple = ()) -> tuple[dict, dict]:
+    """effvit's backends for a case: the ones that can run it, and why the others are skipped
+    (``args``: what the family's capability checks read after ``x``)."""
     fam = backends.families()[family]
     impls, skipped = {}, {}
     for name in backends.KERNEL_BACKENDS:
         if wanted is not None and name not in wanted:
             continue
-        reasons = fam.reasons(name, x)
+        reasons = fam.reasons(name, x, *args)
         if name == "triton" and x.device.type == "cpu" and not reasons:
             reasons = ["the Triton interpreter on CPU is for tests, not timing"]
         if reasons:
@@ -114,7 +116,7 @@ def with_backward(forward: Callable[..., tuple], grads: tuple) -> Callable[..., 
     def step(*inputs):
         outs = forward(*inputs)
         outs = outs if isinstance(outs, tuple) else (outs,)
-        torch.autograd.grad(outs, [t for t in inputs if t.requires_grad], grads[:len(outs)])
+        torch.autograd.grad(outs, [t for t in inputs if t.requires_grad], grads[:len(outs)], allow_unused=True)
     return step
 
 

@@ -1,0 +1,285 @@
+"""Benchmark cases of the window family: Swin-T's stages (C = 96, 192, 384, 768 at 56, 28, 14, 7 tokens a
+side, 3, 6, 12, 24 heads), window 7, shift 0 and 3 (timm clamps the window at 7x7 and drops the shift there).
+
+ops:
+  core   everything between the qkv and proj GEMMs, on qkv [B, H, W, 3C]. Peers: the eager reference
+         (timm's code), torch.compile of it, timm's SDPA path (TIMM_FUSED_ATTN: bias + mask handed to
+         scaled_dot_product_attention) and, on a GPU, FlexAttention (window as a mask_mod over the
+         partitioned sequence, bias and shift mask as a score_mod).
+  attn   a timm SwinTransformerBlock's whole attention path, _attn(x [B, H, W, C]), GEMMs included:
+         effvit (the patched block) against timm eager, timm SDPA and torch.compile of timm eager.
+  model  timm swin_tiny_patch4_window7_224, images/s: effvit.patch.timm against the unpatched model.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+
+import effvit
+from effvit.bench.cases import Case, SuiteOptions, compile_peer, element_size, kernel_impls, register_suite, \
+    with_backward
+from effvit.reference import window as reference
+
+STAGES = {
+    "56x56x96": {"C": 96, "H": 56, "W": 56, "heads": 3},
+    "28x28x192": {"C": 192, "H": 28, "W": 28, "heads": 6},
+    "14x14x384": {"C": 384, "H": 14, "W": 14, "heads": 12},
+    "7x7x768": {"C": 768, "H": 7, "W": 7, "heads": 24},
+    "swin_t": {"model": "swin_tiny_patch4_window7_224", "img": 224},
+}
+STAGE_NAMES = ("56x56x96", "28x28x192", "14x14x384", "7x7x768")
+DEFAULT_BATCHES = (1, 8)
+WINDOW = 7
+SHIFTS = (0, 3)
+OPS = ("core", "attn", "model")
+
+
+def build(opts: SuiteOptions) -> Iterator[Case]:
+    names = opts.shapes or STAGE_NAMES + ("swin_t",)
+    batches = opts.batches or ((1,) if opts.quick else DEFAULT_BATCHES)
+    for op in OPS:
+        for name in names:
+            stage = STAGES[name]
+            if (op == "model") != ("model" in stage):
+                continue
+            for B in batches:
+                for dtype in opts.dtypes:
+                    for direction in opts.directions:
+                        if op == "model":
+                            yield _model_case(B, stage, dtype, opts, direction)
+                            continue
+                        for shift in SHIFTS:
+                            yield (_core_case if op == "core" else _attn_case)(B, stage, shift, dtype, opts,
+                                                                               direction)
+
+
+def _geometry(stage: dict, shift: int):
+    window, shift = reference.effective_window((stage["H"], stage["W"]), (WINDOW, WINDOW), (shift, shift))
+    return window, shift
+
+
+def _counts(B: int, stage: dict, window) -> tuple[float, float]:
+    """FLOPs of q k^T and P v over the padded windows, and the bytes the fused core must move (read qkv,
+    write the output and the log-sum-exp)."""
+    C, H, W, heads = stage["C"], stage["H"], stage["W"], stage["heads"]
+    n = window[0] * window[1]
+    windows = B * math.ceil(H / window[0]) * math.ceil(W / window[1])
+    return 4.0 * windows * heads * n * n * (C // heads), float(B * H * W)
+
+
+def _sdpa_core(qkv, table, heads, window, shift, scale, pad):
+    """timm's fused_attn branch of WindowAttention.forward on the same partitioned qkv (its peer)."""
+    B, H, W, C3 = qkv.shape
+    windows, Hp, Wp = reference._pad_and_partition(qkv, window, shift, pad)
+    B_, N, _ = windows.shape
+    q, k, v = windows.reshape(B_, N, 3, heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+    attn_mask = reference.relative_position_bias(table, window).unsqueeze(0).to(qkv.dtype)
+    mask = reference.shift_region_mask(Hp, Wp, window, shift, qkv.device, qkv.dtype)
+    if mask is not None:
+        nw = mask.shape[0]
+        mask = mask.view(1, nw, 1, N, N).expand(B_ // nw, -1, heads, -1, -1)
+        attn_mask = attn_mask + mask.reshape(-1, heads, N, N)
+    x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale)
+    x = x.transpose(1, 2).reshape(B_, N, -1)
+    return reference._reverse_and_crop(x, window, shift, H, W, Hp, Wp)
+
+
+def _flex_core_factory(B, stage, window, shift, scale, device):
+    """FlexAttention on the rolled, padded, partitioned sequence: a block-diagonal mask_mod keeps each
+    window to itself, a score_mod adds the relative-position bias and the shift mask. The BlockMask is built
+    once per shape."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    H, W, heads = stage["H"], stage["W"], stage["heads"]
+    Hp, Wp = reference.padded_size(H, W, window)
+    n = window[0] * window[1]
+    seq = (Hp // window[0]) * (Wp // window[1]) * n
+    index = reference.relative_position_index(*window, device=device)
+    region = reference.shift_region_mask(Hp, Wp, window, shift, device, torch.float32)
+    nwin = seq // n
+    region = torch.zeros(nwin, n, n, device=device) if region is None else region
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return q_idx // n == kv_idx // n
+
+    block_mask = create_block_mask(mask_mod, None, None, seq, seq, device=device)
+    flex = torch.compile(flex_attention, dynamic=False)
+
+    def core(qkv, table, pad):
+        windows, _, _ = reference._pad_and_partition(qkv, window, shift, pad)       # [B*nW, N, 3C]
+        q, k, v = windows.reshape(B, seq, 3, heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        bias = table[index.view(-1)].view(n, n, heads).to(qkv.dtype)
+
+        def score_mod(score, b, h, q_idx, kv_idx):
+            i, j = q_idx % n, kv_idx % n
+            return score + bias[i, j, h] + region[q_idx // n, i, j].to(score.dtype)
+
+        x = flex(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale)
+        x = x.transpose(1, 2).reshape(B * nwin, n, -1)
+        return reference._reverse_and_crop(x, window, shift, H, W, Hp, Wp)
+    return core
+
+
+def _core_case(B: int, stage: dict, shift_in: int, dtype, opts: SuiteOptions, direction: str) -> Case:
+    C, H, W, heads = stage["C"], stage["H"], stage["W"], stage["heads"]
+    window, shift = _geometry(stage, shift_in)
+    device, backward = opts.device, direction == "fwd+bwd"
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    scale = (C // heads) ** -0.5
+    es = element_size(dtype)
+    flops, pixels = _counts(B, stage, window)
+    traffic = pixels * (4 * C * es + heads * 4)
+    if backward:  # read qkv, out, grad_out, lse; write grad_qkv
+        flops, traffic = flops * 3.5, traffic + pixels * (6 * C * es + heads * 4)
+    probe = torch.empty((B, 1, 1, 3 * C), device=device, dtype=dtype)
+    rows = (2 * window[0] - 1) * (2 * window[1] - 1)
+
+    def make_inputs():
+        qkv = torch.randn((B, H, W, 3 * C), device=device, dtype=dtype).requires_grad_(backward)
+        table = (torch.randn(rows, heads, device=device, dtype=acc) * 0.02).requires_grad_(backward)
+        pad = (torch.randn(3 * C, device=device, dtype=dtype) * 0.02).requires_grad_(backward)
+        return qkv, table, pad
+
+    def run(backend):
+        return lambda qkv, table, pad: effvit.window_attention(qkv, heads, window, shift, table, pad, scale,
+                                                               backend=backend)
+
+    def eager(qkv, table, pad):
+        return reference.window_attention_core(qkv, table, heads, window, shift, scale, pad)
+
+    def sdpa(qkv, table, pad):
+        return _sdpa_core(qkv, table, heads, window, shift, scale, pad)
+
+    def builder(fn):
+        return lambda: _step(fn, backward, (B, H, W, C), device, dtype)
+
+    impls, skipped = kernel_impls("window", probe, opts.backends, lambda backend: builder(run(backend)),
+                                  args=(heads, window, shift))
+    if opts.peers:
+        impls["eager"] = builder(eager)
+        impls["timm-sdpa"] = builder(sdpa)
+        compiled, why = compile_peer(eager)
+        if compiled is None:
+            skipped["compile"] = why
+        else:
+            impls["compile"] = builder(compiled)
+        if device == "cuda":
+            impls["flex"] = lambda: _step(_flex_core_factory(B, stage, window, shift, scale, device), backward,
+                                          (B, H, W, C), device, dtype)
+        else:
+            skipped["flex"] = "FlexAttention is a GPU peer"
+    params = {"B": B, "H": H, "W": W, "C": C, "heads": heads, "ws": window[0], "shift": shift[0]}
+    return Case(family="window", op="core", params=params, dtype=dtype, device=device, direction=direction,
+                make_inputs=make_inputs, impls=impls, skipped=skipped, bytes=float(traffic), flops=flops,
+                input_bytes=int(pixels * 3 * C * es))
+
+
+def _timm_block(stage: dict, shift: int, device, dtype, fused_attn: bool):
+    from timm.models.swin_transformer import SwinTransformerBlock
+
+    block = SwinTransformerBlock(stage["C"], (stage["H"], stage["W"]), num_heads=stage["heads"],
+                                 window_size=WINDOW, shift_size=shift).to(device=device, dtype=dtype)
+    block.attn.fused_attn = fused_attn
+    return block
+
+
+def _attn_case(B: int, stage: dict, shift_in: int, dtype, opts: SuiteOptions, direction: str) -> Case:
+    C, H, W, heads = stage["C"], stage["H"], stage["W"], stage["heads"]
+    window, shift = _geometry(stage, shift_in)
+    device, backward = opts.device, direction == "fwd+bwd"
+    es = element_size(dtype)
+    flops, pixels = _counts(B, stage, window)
+    flops += 2.0 * pixels * C * 4 * C  # the qkv and proj GEMMs
+    traffic = pixels * (2 * C * es + 4 * C * es * 2)  # x in, y out, qkv written and read
+    if backward:
+        flops, traffic = flops * 3, traffic * 3
+    probe = torch.empty((B, 1, 1, 3 * C), device=device, dtype=dtype)
+    impls, skipped = {}, {}
+    try:
+        base = _timm_block(stage, shift_in, device, dtype, fused_attn=False)
+    except ImportError:
+        base = None
+        skipped["all"] = "timm is not installed (pip install timm)"
+
+    def make_inputs():
+        return (torch.randn((B, H, W, C), device=device, dtype=dtype).requires_grad_(backward),)
+
+    def builder_for(block_fn):
+        def build():
+            return _step(block_fn(), backward, (B, H, W, C), device, dtype)
+        return build
+
+    if base is not None:
+        def patched(backend):
+            def make():
+                block = copy.deepcopy(base)
+                effvit.patch.timm(block, backend=backend)
+                return block._attn
+            return builder_for(make)
+
+        impls, skipped = kernel_impls("window", probe, opts.backends, patched, args=(heads, window, shift))
+        if opts.peers:
+            impls["eager"] = builder_for(lambda: base._attn)
+            sdpa_block = copy.deepcopy(base)
+            sdpa_block.attn.fused_attn = True
+            impls["timm-sdpa"] = builder_for(lambda: sdpa_block._attn)
+            compiled, why = compile_peer(base._attn)
+            if compiled is None:
+                skipped["compile"] = why
+            else:
+                impls["compile"] = builder_for(lambda: compiled)
+    params = {"B": B, "H": H, "W": W, "C": C, "heads": heads, "ws": window[0], "shift": shift[0]}
+    return Case(family="window", op="attn", params=params, dtype=dtype, device=device, direction=direction,
+                make_inputs=make_inputs, impls=impls, skipped=skipped, bytes=float(traffic), flops=flops,
+                input_bytes=int(pixels * C * es))
+
+
+def _model_case(B: int, stage: dict, dtype, opts: SuiteOptions, direction: str) -> Case:
+    device, backward = opts.device, direction == "fwd+bwd"
+    img = stage["img"]
+    impls, skipped = {}, {}
+    params = {"B": B, "model": "swin_t", "img": img}
+    try:
+        import timm
+    except ImportError:
+        timm = None
+        skipped["all"] = "timm is not installed (pip install timm)"
+
+    def make_inputs():
+        return (torch.randn((B, 3, img, img), device=device, dtype=dtype).requires_grad_(backward),)
+
+    if timm is not None:
+        model = timm.create_model(stage["model"], pretrained=False).to(device=device, dtype=dtype).eval()
+        probe = torch.empty((B, 1, 1, 3 * 96), device=device, dtype=dtype)
+
+        def patched(backend):
+            def build():
+                m = effvit.patch.timm(copy.deepcopy(model), backend=backend)
+                return _step(m, backward, (B, 1000), device, dtype)
+            return build
+
+        impls, skipped = kernel_impls("window", probe, opts.backends, patched, args=(3, (7, 7), (3, 3)))
+        if opts.peers:
+            impls["eager"] = lambda: _step(model, backward, (B, 1000), device, dtype)
+            skipped["compile"] = "torch.compile of the whole model is left out (minutes of compilation)"
+    return Case(family="window", op="model", params=params, dtype=dtype, device=device, direction=direction,
+                make_inputs=make_inputs, impls=impls, skipped=skipped, bytes=0.0, flops=4.5e9 * B * (3 if backward else 1),
+                input_bytes=B * 3 * img * img * element_size(dtype))
+
+
+def _step(fn, backward: bool, shape, device, dtype):
+    """The function to time: fn under no_grad, or fn and its backward with a fixed output gradient."""
+    if not backward:
+        def forward_only(*inputs):
+            with torch.no_grad():
+                fn(*inputs)
+        return forward_only
+    return with_backward(fn, (torch.randn(shape, device=device, dtype=dtype),))
+
+
+register_suite("window", build, STAGES)
