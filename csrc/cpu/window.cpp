@@ -192,6 +192,19 @@ EFFVIT_ALWAYS_INLINE void load_row(const scalar_t* __restrict__ src, acc_t* __re
   for (int d = 0; d < D; ++d) dst[d] = static_cast<acc_t>(src[d]) * mul;
 }
 
+template <typename scalar_t, typename acc_t>
+EFFVIT_ALWAYS_INLINE void store_row(const acc_t* __restrict__ src, scalar_t* __restrict__ dst, int D, acc_t mul) {
+  for (int d = 0; d < D; ++d) dst[d] = static_cast<scalar_t>(src[d] * mul);
+}
+
+// sum_d a[d] * b[d], a in the accumulation type and b as stored.
+template <typename scalar_t, typename acc_t>
+EFFVIT_ALWAYS_INLINE acc_t dot_row(const acc_t* __restrict__ a, const scalar_t* __restrict__ b, int D) {
+  acc_t sum = 0;
+  for (int d = 0; d < D; ++d) sum += a[d] * static_cast<acc_t>(b[d]);
+  return sum;
+}
+
 // Gathers the q (times scale), k and v of one (window, head) into the scratch buffers, and k transposed;
 // records each token's input pixel (-1: padding) and region. Returns whether the window holds more than
 // one region.
@@ -314,7 +327,7 @@ EFFVIT_ALWAYS_INLINE void window_forward_body(const WindowCall<scalar_t, acc_t>*
       if (s.pixel[i] < 0) continue;
       scalar_t* dst = out + (int64_t{ti.b} * HW + s.pixel[i]) * C + ti.h * D;
       const acc_t* o = s.o.data() + i * Dp;
-      for (int d = 0; d < D; ++d) dst[d] = static_cast<scalar_t>(o[d] * inv_sum[i]);
+      store_row(o, dst, D, inv_sum[i]);
     }
   }
 }
@@ -352,12 +365,8 @@ EFFVIT_ALWAYS_INLINE void window_backward_body(const WindowCall<scalar_t, acc_t>
       }
       exp_row(prow, Np, lse[head_base + s.pixel[i]]);
       const int64_t at = (int64_t{ti.b} * HW + s.pixel[i]) * C + ti.h * D;
-      acc_t dot = 0;
-      for (int d = 0; d < D; ++d) {
-        dorow[d] = static_cast<acc_t>(grad_out[at + d]);
-        dot += dorow[d] * static_cast<acc_t>(out[at + d]);
-      }
-      delta[i] = dot;
+      load_row(grad_out + at, dorow, D, acc_t(1));
+      delta[i] = dot_row(dorow, out + at, D);
     }
     for (int j = 0; j < N; ++j)
       for (int d = 0; d < D; ++d) s.vt[d * Np + j] = s.v[j * Dp + d];
@@ -394,11 +403,9 @@ EFFVIT_ALWAYS_INLINE void window_backward_body(const WindowCall<scalar_t, acc_t>
         continue;
       }
       scalar_t* dst = grad_qkv + (int64_t{ti.b} * HW + s.pixel[j]) * 3 * C + ti.h * D;
-      for (int d = 0; d < D; ++d) {
-        dst[d] = static_cast<scalar_t>(dq[d] * c.scale);
-        dst[C + d] = static_cast<scalar_t>(dk[d]);
-        dst[2 * C + d] = static_cast<scalar_t>(dv[d]);
-      }
+      store_row(dq, dst, D, c.scale);
+      store_row(dk, dst + C, D, acc_t(1));
+      store_row(dv, dst + 2 * C, D, acc_t(1));
     }
   }
 }

@@ -129,7 +129,6 @@ def _core_case(B: int, stage: dict, shift_in: int, dtype, opts: SuiteOptions, di
     C, H, W, heads = stage["C"], stage["H"], stage["W"], stage["heads"]
     window, shift = _geometry(stage, shift_in)
     device, backward = opts.device, direction == "fwd+bwd"
-    acc = torch.float64 if dtype == torch.float64 else torch.float32
     scale = (C // heads) ** -0.5
     es = element_size(dtype)
     flops, pixels = _counts(B, stage, window)
@@ -141,7 +140,7 @@ def _core_case(B: int, stage: dict, shift_in: int, dtype, opts: SuiteOptions, di
 
     def make_inputs():
         qkv = torch.randn((B, H, W, 3 * C), device=device, dtype=dtype).requires_grad_(backward)
-        table = (torch.randn(rows, heads, device=device, dtype=acc) * 0.02).requires_grad_(backward)
+        table = (torch.randn(rows, heads, device=device, dtype=dtype) * 0.02).requires_grad_(backward)
         pad = (torch.randn(3 * C, device=device, dtype=dtype) * 0.02).requires_grad_(backward)
         return qkv, table, pad
 
