@@ -278,6 +278,21 @@ EFFVIT_ALWAYS_INLINE void window_logits(const WindowCall<scalar_t, acc_t>& c, co
   }
 }
 
+// max over a padded row (padded columns hold -1e30, so they never win).
+template <typename acc_t>
+EFFVIT_ALWAYS_INLINE acc_t row_max(const acc_t* row, int Np) {
+  using V = typename Vec<acc_t>::type;
+  constexpr int L = Vec<acc_t>::lanes;
+  V m = vload<V>(row);
+  for (int j = L; j < Np; j += L) {
+    const V x = vload<V>(row + j);
+    m = x > m ? x : m;
+  }
+  acc_t out = m[0];
+  for (int l = 1; l < L; ++l) out = std::max(out, m[l]);
+  return out;
+}
+
 // Row i of s.s becomes exp(logit - shift) in place; returns the row's sum.
 template <typename acc_t>
 EFFVIT_ALWAYS_INLINE acc_t exp_row(acc_t* row, int Np, acc_t shift) {
@@ -316,8 +331,7 @@ EFFVIT_ALWAYS_INLINE void window_forward_body(const WindowCall<scalar_t, acc_t>*
         std::fill(row, row + Np, acc_t(0));
         continue;
       }
-      acc_t m = row[0];
-      for (int j = 1; j < N; ++j) m = std::max(m, row[j]);
+      const acc_t m = row_max(row, Np);
       const acc_t sum = exp_row(row, Np, m);
       inv_sum[i] = acc_t(1) / sum;
       lse[(int64_t{ti.b} * g.heads + ti.h) * HW + s.pixel[i]] = m + std::log(sum);
