@@ -63,3 +63,45 @@ def test_raw_backward_rejects_statistics_on_another_device():
     with pytest.raises(ValueError, match="mean and rstd must be on"):
         torch.ops.effvit.shift_group_norm_backward(None, x, x, torch.ones(8, device="cuda"), torch.ones(2),
                                                    torch.ones(2), 4, False)
+
+
+# ---- window family ----------------------------------------------------------------------------------
+
+WINDOW_GPU_BACKENDS = kernel_backends("cuda", "window") if torch.cuda.is_available() else []
+
+
+@pytest.mark.parametrize("backend", WINDOW_GPU_BACKENDS)
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+@pytest.mark.parametrize("hw,C,heads,shift", [(56, 96, 3, 3), (28, 192, 6, 0), (14, 384, 12, 3), (7, 768, 24, 0)])
+def test_swin_t_shapes_on_gpu(backend, dtype, hw, C, heads, shift, seed, poisoned):
+    """Swin-T's stages, batch 8, forward and backward, against the float64 reference."""
+    from effvit.reference import window as ref_window
+
+    qkv = torch.randn(8, hw, hw, 3 * C, device="cuda", dtype=dtype).requires_grad_()
+    table = (torch.randn(169, heads, device="cuda") * 0.5).requires_grad_()
+    pad = torch.randn(3 * C, device="cuda", dtype=dtype)
+    out = effvit.window_attention(qkv, heads, 7, shift, table, pad, backend=backend)
+    grad = torch.randn_like(out)
+    g_qkv, g_table = torch.autograd.grad(out, (qkv, table), grad)
+    q64, t64 = qkv.detach().double().requires_grad_(), table.detach().double().requires_grad_()
+    expected = ref_window.window_attention_core(q64, t64, heads, (7, 7), (shift, shift), (C // heads) ** -0.5,
+                                                pad.double())
+    e_qkv, e_table = torch.autograd.grad(expected, (q64, t64), grad.double())
+    assert_close_rel(out, expected, dtype, "out")
+    slack = 4 if dtype in (torch.float16, torch.bfloat16) else 1
+    for name, g, e in (("qkv", g_qkv, e_qkv), ("table", g_table, e_table)):
+        from conftest import REL_TOL, rel_error
+        assert rel_error(g, e) <= slack * REL_TOL[dtype], name
+
+
+def test_flex_peer_computes_the_same_core(seed):
+    """The benchmark's FlexAttention peer is only a peer if it computes the same thing."""
+    from effvit.bench import window_suite
+    from effvit.reference import window as ref_window
+
+    stage = {"C": 96, "H": 28, "W": 28, "heads": 3}
+    qkv = torch.randn(2, 28, 28, 288, device="cuda")
+    table, pad = torch.randn(169, 3, device="cuda"), torch.randn(288, device="cuda")
+    core = window_suite._flex_core_factory(2, stage, (7, 7), (3, 3), 32 ** -0.5, "cuda")
+    expected = ref_window.window_attention_core(qkv, table, 3, (7, 7), (3, 3), 32 ** -0.5, pad)
+    assert (core(qkv, table, pad) - expected).abs().max().item() < 1e-3

@@ -55,6 +55,19 @@ def reference_core(case, qkv, table, pad):
             ref.window_attention_lse(d(qkv), d(table), *args, d(pad)))
 
 
+def reference_grads(case, qkv, table, pad, grad) -> list[torch.Tensor]:
+    """Float64 reference gradients for the inputs that are not None (zeros where the reference does not use
+    one: qkv_bias when no token is padding)."""
+    inputs = [t for t in (qkv, table, pad) if t is not None]
+    d = [t.detach().double().requires_grad_() for t in inputs]
+    it = iter(d)
+    q64, t64, p64 = next(it), next(it) if table is not None else None, next(it) if pad is not None else None
+    expected = ref.window_attention_core(q64, t64, case["heads"], case["window"], case["shift"],
+                                         case["head_dim"] ** -0.5, p64)
+    grads = torch.autograd.grad(expected, d, grad.double(), allow_unused=True)
+    return [torch.zeros_like(t, dtype=torch.float64) if g is None else g for g, t in zip(grads, inputs)]
+
+
 def call(case, qkv, table, pad, backend):
     return effvit.window_attention(qkv, case["heads"], case["window"], case["shift"], table, pad,
                                    always_partition=True, backend=backend)
@@ -90,14 +103,8 @@ def test_backward_matches_reference(backend, dtype, trial, seed, poisoned):
     grad = torch.randn_like(out)
     inputs = [t for t in (qkv, table, pad) if t is not None]
     grads = torch.autograd.grad(out, inputs, grad)
-    d = [t.detach().double().requires_grad_() for t in inputs]
-    it = iter(d)
-    q64, t64, p64 = next(it), next(it) if table is not None else None, next(it) if pad is not None else None
-    expected = ref.window_attention_core(q64, t64, case["heads"], case["window"], case["shift"],
-                                         case["head_dim"] ** -0.5, p64)
-    expected_grads = torch.autograd.grad(expected, d, grad.double(), allow_unused=True)
+    expected_grads = reference_grads(case, qkv, table, pad, grad)
     for name, g, e, t in zip(("qkv", "table", "pad"), grads, expected_grads, inputs):
-        e = torch.zeros_like(t, dtype=torch.float64) if e is None else e  # no padding token: no gradient
         assert g.dtype == t.dtype
         # half-precision gradients (the float32 table's too) carry the rounding of the output they start from
         tol = REL_TOL[dtype] * (4 if dtype in (torch.float16, torch.bfloat16) else 1)
@@ -132,13 +139,7 @@ def test_edge_geometries(backend, case, seed, poisoned):
     inputs = [t for t in (qkv, table, pad) if t is not None]
     grad = torch.randn_like(out)
     grads = torch.autograd.grad(out, inputs, grad)
-    d = [t.detach().double().requires_grad_() for t in inputs]
-    it = iter(d)
-    q64, t64, p64 = next(it), next(it) if table is not None else None, next(it) if pad is not None else None
-    expected = ref.window_attention_core(q64, t64, case["heads"], case["window"], case["shift"],
-                                         case["head_dim"] ** -0.5, p64)
-    for g, e, t in zip(grads, torch.autograd.grad(expected, d, grad.double(), allow_unused=True), inputs):
-        e = torch.zeros_like(t, dtype=torch.float64) if e is None else e
+    for g, e in zip(grads, reference_grads(case, qkv, table, pad, grad)):
         assert rel_error(g, e) <= 1e-5
 
 
@@ -346,6 +347,20 @@ def test_timm_patch_survives_copy_and_pickle():
     for clone in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
         assert type(clone.layers[0].blocks[0]).__name__ == "FusedSwinTransformerBlock"
         assert torch.equal(clone(x), out)
+
+
+def test_timm_patch_attention_dropout_in_training_runs_the_reference(seed):
+    """timm's attention dropout is not fused: in training the patched block runs the reference, which draws
+    the same dropout mask as timm from the same generator state."""
+    from timm.models.swin_transformer import SwinTransformerBlock
+
+    block = SwinTransformerBlock(32, (9, 10), num_heads=2, window_size=4, shift_size=2, attn_drop=0.3).train()
+    x = torch.randn(2, 9, 10, 32)
+    torch.manual_seed(seed)
+    expected = block._attn(x)
+    effvit.patch.timm(block)
+    torch.manual_seed(seed)
+    assert torch.allclose(block._attn(x), expected, atol=1e-6)
 
 
 def test_timm_patch_needs_a_swin():

@@ -9,7 +9,7 @@
 // task; the log-sum-exp of each row is the only thing the backward needs beyond q, k, v and the output.
 //
 // The backward recomputes P from the log-sum-exp and runs every product through the same micro-kernel
-// (transposing P and dS where a product needs them the other way round). Gradients of padding tokens
+// (reading P and dS transposed where a product needs them the other way round). Gradients of padding tokens
 // and of the bias table are summed per thread chunk and added in chunk order, so results do not depend
 // on thread timing.
 //
@@ -71,18 +71,30 @@ EFFVIT_ALWAYS_INLINE void vstore(T* p, const V& v) {
 // C[M x Ncols] = A[M x K] @ B[K x Ncols]; M a multiple of kRows, Ncols of two vectors. A block of four
 // rows by two vectors of C (eight accumulators: enough independent FMAs to cover their latency) stays in
 // registers while the K loop streams two vectors of B and broadcasts four values of A per step.
-template <typename acc_t>
+// With `init`, C = init + A @ B (init laid out like C): the logits start from the bias. With kTransA, A is
+// stored transposed ([K x M], row-major), which spares transposing P and dS in the backward.
+template <bool kTransA = false, typename acc_t>
 EFFVIT_ALWAYS_INLINE void gemm_nn(const acc_t* __restrict__ A, int lda, const acc_t* __restrict__ B, int ldb,
-                                  acc_t* __restrict__ C, int ldc, int M, int K, int Ncols) {
+                                  acc_t* __restrict__ C, int ldc, int M, int K, int Ncols,
+                                  const acc_t* __restrict__ init = nullptr) {
   using V = typename Vec<acc_t>::type;
   constexpr int L = Vec<acc_t>::lanes;
   for (int i = 0; i < M; i += kRows) {
     const acc_t* a0 = A + i * lda;
     for (int jb = 0; jb < Ncols; jb += 2 * L) {
       V c00 = {}, c10 = {}, c20 = {}, c30 = {}, c01 = {}, c11 = {}, c21 = {}, c31 = {};
+      if (init != nullptr) {
+        const acc_t* c0 = init + i * ldc + jb;
+        c00 = vload<V>(c0), c01 = vload<V>(c0 + L);
+        c10 = vload<V>(c0 + ldc), c11 = vload<V>(c0 + ldc + L);
+        c20 = vload<V>(c0 + 2 * ldc), c21 = vload<V>(c0 + 2 * ldc + L);
+        c30 = vload<V>(c0 + 3 * ldc), c31 = vload<V>(c0 + 3 * ldc + L);
+      }
       for (int k = 0; k < K; ++k) {
         const V b0 = vload<V>(B + k * ldb + jb), b1 = vload<V>(B + k * ldb + jb + L);
-        const acc_t x0 = a0[k], x1 = a0[lda + k], x2 = a0[2 * lda + k], x3 = a0[3 * lda + k];
+        const acc_t* a = kTransA ? A + k * lda + i : a0 + k;
+        const int step = kTransA ? 1 : lda;
+        const acc_t x0 = a[0], x1 = a[step], x2 = a[2 * step], x3 = a[3 * step];
         c00 += x0 * b0;
         c01 += x0 * b1;
         c10 += x1 * b0;
@@ -103,13 +115,6 @@ EFFVIT_ALWAYS_INLINE void gemm_nn(const acc_t* __restrict__ A, int lda, const ac
       vstore(c + 3 * ldc + L, c31);
     }
   }
-}
-
-// out[j * ldo + i] = in[i * ldi + j] for i < rows, j < cols.
-template <typename acc_t>
-EFFVIT_ALWAYS_INLINE void transpose(const acc_t* in, int ldi, acc_t* out, int ldo, int rows, int cols) {
-  for (int i = 0; i < rows; ++i)
-    for (int j = 0; j < cols; ++j) out[j * ldo + i] = in[i * ldi + j];
 }
 
 // exp on a vector of floats (Cephes' expf: 2^n * p(r), |r| <= ln2 / 2, ~1 ulp); exact 0 below -87.3,
@@ -150,7 +155,7 @@ struct WindowCall {
   acc_t scale = 1;
   const scalar_t* qkv = nullptr;       // [B, H, W, 3C]
   const scalar_t* pad_qkv = nullptr;   // [3C] or null (zeros)
-  const acc_t* bias = nullptr;         // [heads, N, Np]: bias table gathered, padded columns masked
+  const acc_t* bias = nullptr;         // [heads, rows, Np]: bias table gathered, padded entries -1e30
   const int32_t* bias_rows = nullptr;  // [N, N]: bias table row of (i, j)
   int64_t tasks() const { return int64_t{g.B} * g.windows_per_image() * g.heads; }
 };
@@ -159,14 +164,13 @@ struct WindowCall {
 template <typename acc_t>
 struct Scratch {
   std::vector<acc_t> q, k, v, kt, s, o;
-  std::vector<acc_t> vt, dout, dp, pt, dq, dk, dv;  // backward only
+  std::vector<acc_t> vt, dout, dp, dq, dk, dv;  // backward only
   std::vector<int32_t> pixel, region;
   Scratch(int Np, int Dp, int N, bool backward)
       : q(Np * Dp), k(Np * Dp), v(Np * Dp), kt(Dp * Np), s(Np * Np), o(Np * Dp), pixel(N), region(N) {
     if (backward) {
       for (auto* b : {&vt, &dout, &dq, &dk, &dv}) b->assign(Np * Dp, 0);
       dp.assign(Np * Np, 0);
-      pt.assign(Np * Np, 0);
     }
   }
 };
@@ -259,22 +263,18 @@ EFFVIT_ALWAYS_INLINE void prefetch_window(const WindowCall<scalar_t, acc_t>& c, 
   }
 }
 
-// logits = q k^T + bias (+ region mask) in s.s, rows [0, rows).
+// logits = bias + q k^T (+ region mask) in s.s, rows [0, rows).
 template <typename scalar_t, typename acc_t>
 EFFVIT_ALWAYS_INLINE void window_logits(const WindowCall<scalar_t, acc_t>& c, const TaskIndex& ti, Scratch<acc_t>& s,
                                         bool several_regions, int rows) {
-  using V = typename Vec<acc_t>::type;
-  constexpr int L = Vec<acc_t>::lanes;
   const int Np = c.Np, N = c.g.N;
-  gemm_nn(s.q.data(), c.Dp, s.kt.data(), Np, s.s.data(), Np, rows, c.g.head_dim, Np);
-  const acc_t* bias = c.bias + int64_t{ti.h} * N * Np;
-  for (int i = 0; i < std::min(rows, N); ++i) {
+  gemm_nn(s.q.data(), c.Dp, s.kt.data(), Np, s.s.data(), Np, rows, c.g.head_dim, Np,
+          c.bias + int64_t{ti.h} * rows * Np);
+  if (!several_regions) return;
+  for (int i = 0; i < N; ++i) {
     acc_t* srow = s.s.data() + i * Np;
-    for (int j = 0; j < Np; j += L) vstore(srow + j, vload<V>(srow + j) + vload<V>(bias + i * Np + j));
-    if (several_regions) {
-      for (int j = 0; j < N; ++j)
-        if (s.region[i] != s.region[j]) srow[j] += static_cast<acc_t>(kSwinMaskValue);
-    }
+    for (int j = 0; j < N; ++j)
+      if (s.region[i] != s.region[j]) srow[j] += static_cast<acc_t>(kSwinMaskValue);
   }
 }
 
@@ -361,6 +361,9 @@ EFFVIT_ALWAYS_INLINE void window_backward_body(const WindowCall<scalar_t, acc_t>
   const int64_t HW = int64_t{g.H} * g.W;
   Scratch<acc_t> s(Np, Dp, N, true);
   std::vector<acc_t> delta(N);
+  // dS summed over this chunk's windows per (head, i, j), folded into table rows once at the end: a dense
+  // vector add per task instead of N * N scattered adds
+  std::vector<acc_t> dense_bias(grad_bias != nullptr ? int64_t{g.heads} * N * Np : 0, acc_t(0));
   for (int64_t t = begin; t < end; ++t) {
     const TaskIndex ti = task_index(g, t);
     const bool several = gather_window(c, ti, s);
@@ -385,25 +388,22 @@ EFFVIT_ALWAYS_INLINE void window_backward_body(const WindowCall<scalar_t, acc_t>
     for (int j = 0; j < N; ++j)
       for (int d = 0; d < D; ++d) s.vt[d * Np + j] = s.v[j * Dp + d];
     // dV = P^T dO
-    transpose(s.s.data(), Np, s.pt.data(), Np, N, N);
-    gemm_nn(s.pt.data(), Np, s.dout.data(), Dp, s.dv.data(), Dp, rows, N, Dp);
-    // dS = P * (dO V^T - D_i), over real query rows; the bias table gets dS
+    gemm_nn<true>(s.s.data(), Np, s.dout.data(), Dp, s.dv.data(), Dp, rows, N, Dp);
+    // dS = P * (dO V^T - D_i), over real query rows; dS summed per (head, i, j) for the bias table
     gemm_nn(s.dout.data(), Dp, s.vt.data(), Np, s.dp.data(), Np, rows, D, Np);
-    acc_t* gb = grad_bias + int64_t{ti.h} * table_rows;
+    acc_t* dense = dense_bias.data() + int64_t{ti.h} * N * Np;
     for (int i = 0; i < N; ++i) {
       acc_t* ds = s.dp.data() + i * Np;
       const acc_t* p = s.s.data() + i * Np;
-      for (int j = 0; j < Np; j += L) vstore(ds + j, vload<V>(p + j) * (vload<V>(ds + j) - delta[i]));
-      if (s.pixel[i] < 0) continue;
-      if (grad_bias != nullptr) {
-        const int32_t* brow = c.bias_rows + i * N;
-        for (int j = 0; j < N; ++j) gb[brow[j]] += ds[j];
+      for (int j = 0; j < Np; j += L) {
+        const V d = vload<V>(p + j) * (vload<V>(ds + j) - delta[i]);
+        vstore(ds + j, d);
+        if (grad_bias != nullptr) vstore(dense + i * Np + j, vload<V>(dense + i * Np + j) + d);
       }
     }
     // dQ = scale dS K, dK = dS^T (q * scale)
     gemm_nn(s.dp.data(), Np, s.k.data(), Dp, s.dq.data(), Dp, rows, N, Dp);
-    transpose(s.dp.data(), Np, s.pt.data(), Np, N, N);
-    gemm_nn(s.pt.data(), Np, s.q.data(), Dp, s.dk.data(), Dp, rows, N, Dp);
+    gemm_nn<true>(s.dp.data(), Np, s.q.data(), Dp, s.dk.data(), Dp, rows, N, Dp);
     for (int j = 0; j < N; ++j) {
       const acc_t* dq = s.dq.data() + j * Dp;
       const acc_t* dk = s.dk.data() + j * Dp;
@@ -422,10 +422,15 @@ EFFVIT_ALWAYS_INLINE void window_backward_body(const WindowCall<scalar_t, acc_t>
       store_row(dv, dst + 2 * C, D, acc_t(1));
     }
   }
+  if (grad_bias == nullptr) return;
+  for (int h = 0; h < g.heads; ++h)
+    for (int i = 0; i < N; ++i)
+      for (int j = 0; j < N; ++j)
+        grad_bias[int64_t{h} * table_rows + c.bias_rows[i * N + j]] += dense_bias[(int64_t{h} * N + i) * Np + j];
 }
 EFFVIT_CPU_ISA_VARIANTS(window_backward_range, window_backward_body)
 
-// The per-call shared state: bias table gathered to [heads, N, Np] with padded columns masked, and the
+// The per-call shared state: bias table gathered to [heads, round_up(N, 4), Np] with padded entries masked, and the
 // bias row of each (i, j).
 template <typename scalar_t, typename acc_t>
 struct WindowCallStorage {
@@ -445,12 +450,13 @@ struct WindowCallStorage {
     bias_rows.resize(int64_t{g.N} * g.N);
     for (int i = 0; i < g.N; ++i)
       for (int j = 0; j < g.N; ++j) bias_rows[i * g.N + j] = g.bias_row(i, j);
-    bias.assign(int64_t{g.heads} * g.N * c.Np, static_cast<acc_t>(kMaskedColumn));
+    const int rows = round_up(g.N, kRows);
+    bias.assign(int64_t{g.heads} * rows * c.Np, static_cast<acc_t>(kMaskedColumn));
     const acc_t* table = in.bias_table.defined() ? in.bias_table.data_ptr<acc_t>() : nullptr;
     for (int h = 0; h < g.heads; ++h)
       for (int i = 0; i < g.N; ++i)
         for (int j = 0; j < g.N; ++j)
-          bias[(int64_t{h} * g.N + i) * c.Np + j] = table ? table[bias_rows[i * g.N + j] * g.heads + h] : acc_t(0);
+          bias[(int64_t{h} * rows + i) * c.Np + j] = table ? table[bias_rows[i * g.N + j] * g.heads + h] : acc_t(0);
     c.bias = bias.data();
     c.bias_rows = bias_rows.data();
   }

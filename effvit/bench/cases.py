@@ -120,9 +120,21 @@ def with_backward(forward: Callable[..., tuple], grads: tuple) -> Callable[..., 
     return step
 
 
+def timed_step(fn: Callable, backward: bool, shape, device, dtype, n_outputs: int = 1) -> Callable[..., None]:
+    """The function to time: fn under no_grad, or fn and its backward with fixed gradients (of ``shape``)
+    for its ``n_outputs`` outputs."""
+    if not backward:
+        def forward_only(*inputs):
+            with torch.no_grad():
+                fn(*inputs)
+        return forward_only
+    grads = tuple(torch.randn(shape, device=device, dtype=dtype) for _ in range(n_outputs))
+    return with_backward(fn, grads)
+
+
 def element_size(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
 __all__ = ["Case", "SuiteOptions", "register_suite", "suites", "shapes", "kernel_impls", "compile_peer",
-           "with_backward", "element_size"]
+           "with_backward", "timed_step", "element_size"]

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 import effvit
 from effvit.bench.cases import Case, SuiteOptions, compile_peer, element_size, kernel_impls, register_suite, \
-    with_backward
+    timed_step
 from effvit.reference import shift as reference
 
 STAGES = {
@@ -84,7 +84,7 @@ def _case(op: str, B: int, stage: dict, dtype: torch.dtype, opts: SuiteOptions, 
             traffic, flops = traffic + 4 * n * es, flops + 8.0 * n
 
     def builder(fn):
-        return lambda: _step(fn, backward, (B, C, H, W), n_out, device, dtype)
+        return lambda: timed_step(fn, backward, (B, C, H, W), device, dtype, n_out)
 
     impls, skipped = kernel_impls("shift", probe, opts.backends, lambda backend: builder(run(backend)))
     if opts.peers:
@@ -99,17 +99,6 @@ def _case(op: str, B: int, stage: dict, dtype: torch.dtype, opts: SuiteOptions, 
     return Case(family="shift", op=op, params={"B": B, "C": C, "H": H, "W": W, "n_div": N_DIV}, dtype=dtype,
                 device=device, direction=direction, make_inputs=make_inputs, impls=impls, skipped=skipped,
                 bytes=float(traffic), flops=flops, input_bytes=n * es)
-
-
-def _step(fn, backward: bool, shape, n_outputs: int, device, dtype):
-    """The function to time: fn under no_grad, or fn and its backward with fixed output gradients."""
-    if not backward:
-        def forward_only(*inputs):
-            with torch.no_grad():
-                fn(*inputs)
-        return forward_only
-    grads = tuple(torch.randn(shape, device=device, dtype=dtype) for _ in range(n_outputs))
-    return with_backward(fn, grads)
 
 
 register_suite("shift", build, STAGES)

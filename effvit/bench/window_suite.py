@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 import effvit
 from effvit.bench.cases import Case, SuiteOptions, compile_peer, element_size, kernel_impls, register_suite, \
-    with_backward
+    timed_step
 from effvit.reference import window as reference
 
 STAGES = {
@@ -155,7 +155,7 @@ def _core_case(B: int, stage: dict, shift_in: int, dtype, opts: SuiteOptions, di
         return _sdpa_core(qkv, table, heads, window, shift, scale, pad)
 
     def builder(fn):
-        return lambda: _step(fn, backward, (B, H, W, C), device, dtype)
+        return lambda: timed_step(fn, backward, (B, H, W, C), device, dtype)
 
     impls, skipped = kernel_impls("window", probe, opts.backends, lambda backend: builder(run(backend)),
                                   args=(heads, window, shift))
@@ -168,7 +168,7 @@ def _core_case(B: int, stage: dict, shift_in: int, dtype, opts: SuiteOptions, di
         else:
             impls["compile"] = builder(compiled)
         if device == "cuda":
-            impls["flex"] = lambda: _step(_flex_core_factory(B, stage, window, shift, scale, device), backward,
+            impls["flex"] = lambda: timed_step(_flex_core_factory(B, stage, window, shift, scale, device), backward,
                                           (B, H, W, C), device, dtype)
         else:
             skipped["flex"] = "FlexAttention is a GPU peer"
@@ -210,7 +210,7 @@ def _attn_case(B: int, stage: dict, shift_in: int, dtype, opts: SuiteOptions, di
 
     def builder_for(block_fn):
         def build():
-            return _step(block_fn(), backward, (B, H, W, C), device, dtype)
+            return timed_step(block_fn(), backward, (B, H, W, C), device, dtype)
         return build
 
     if base is not None:
@@ -259,26 +259,16 @@ def _model_case(B: int, stage: dict, dtype, opts: SuiteOptions, direction: str) 
         def patched(backend):
             def build():
                 m = effvit.patch.timm(copy.deepcopy(model), backend=backend)
-                return _step(m, backward, (B, 1000), device, dtype)
+                return timed_step(m, backward, (B, 1000), device, dtype)
             return build
 
         impls, skipped = kernel_impls("window", probe, opts.backends, patched, args=(3, (7, 7), (3, 3)))
         if opts.peers:
-            impls["eager"] = lambda: _step(model, backward, (B, 1000), device, dtype)
+            impls["eager"] = lambda: timed_step(model, backward, (B, 1000), device, dtype)
             skipped["compile"] = "torch.compile of the whole model is left out (minutes of compilation)"
     return Case(family="window", op="model", params=params, dtype=dtype, device=device, direction=direction,
                 make_inputs=make_inputs, impls=impls, skipped=skipped, bytes=0.0, flops=4.5e9 * B * (3 if backward else 1),
                 input_bytes=B * 3 * img * img * element_size(dtype))
-
-
-def _step(fn, backward: bool, shape, device, dtype):
-    """The function to time: fn under no_grad, or fn and its backward with a fixed output gradient."""
-    if not backward:
-        def forward_only(*inputs):
-            with torch.no_grad():
-                fn(*inputs)
-        return forward_only
-    return with_backward(fn, (torch.randn(shape, device=device, dtype=dtype),))
 
 
 register_suite("window", build, STAGES)

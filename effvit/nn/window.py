@@ -29,7 +29,7 @@ def fused_swin_attention(x: torch.Tensor, attn: nn.Module, window, shift, always
     return attn.proj_drop(attn.proj(out))
 
 
-class WindowAttention(nn.Module):
+class WindowAttention(reference.WindowAttention):
     """Window multi-head self-attention with relative position bias (W-MSA / SW-MSA), fused.
 
     Same parameters and state_dict keys as timm's and the official WindowAttention (``qkv.*``, ``proj.*``,
@@ -42,22 +42,13 @@ class WindowAttention(nn.Module):
 
     def __init__(self, dim: int, window_size, num_heads: int, qkv_bias: bool = True, qk_scale: float | None = None,
                  attn_drop: float = 0.0, proj_drop: float = 0.0, backend: str | None = None):
-        super().__init__()
         checks.check_int(dim, "dim")
         checks.check_int(num_heads, "num_heads")
         if num_heads < 1 or dim % num_heads:
             raise ValueError(f"dim ({dim}) must be divisible by num_heads ({num_heads})")
-        self.dim, self.num_heads, self.backend = dim, num_heads, backend
-        self.window_size = checks.check_pair(window_size, "window_size", 1)
-        head_dim = dim // num_heads
-        self.scale = qk_scale or head_dim ** -0.5
-        wh, ww = self.window_size
-        self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * wh - 1) * (2 * ww - 1), num_heads))
-        nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
-        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
-        self.attn_drop = nn.Dropout(attn_drop)
-        self.proj = nn.Linear(dim, dim)
-        self.proj_drop = nn.Dropout(proj_drop)
+        super().__init__(dim, checks.check_pair(window_size, "window_size", 1), num_heads, qkv_bias, qk_scale,
+                         attn_drop, proj_drop)
+        self.backend = backend
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         if x.dim() != 3 or x.shape[1] != self.window_size[0] * self.window_size[1] or x.shape[2] != self.dim:
@@ -65,7 +56,7 @@ class WindowAttention(nn.Module):
                              f"and C = {self.dim}, got {tuple(x.shape)} (for a [B, H, W, C] map use forward_map)")
         if mask is not None or (self.training and self.attn_drop.p > 0):
             # an arbitrary additive mask or attention dropout: the reference path
-            return reference.WindowAttention.forward(self, x, mask)
+            return super().forward(x, mask)
         B_ = x.shape[0]
         out = fused_swin_attention(x.view(B_, *self.window_size, self.dim), self, self.window_size, (0, 0),
                                    backend=self.backend)

@@ -86,8 +86,9 @@ def shift_region_mask(Hp: int, Wp: int, window: tuple[int, int], shift: tuple[in
 
 
 def _windowed_attention(qkv_windows: torch.Tensor, bias: torch.Tensor | None, mask: torch.Tensor | None,
-                        num_heads: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """WindowAttention.forward's eager path between its two Linears.
+                        num_heads: int, scale: float, attn_drop: nn.Module | None = None
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """WindowAttention.forward's eager path between its two Linears (attn_drop: its attention dropout).
 
     qkv_windows: [B_, N, 3C] -> (x [B_, N, C], logits [B_, nH, N, N] before the softmax)."""
     B_, N, C3 = qkv_windows.shape
@@ -103,6 +104,8 @@ def _windowed_attention(qkv_windows: torch.Tensor, bias: torch.Tensor | None, ma
         attn = attn.view(-1, num_heads, N, N)
     logits = attn
     attn = attn.softmax(dim=-1)
+    if attn_drop is not None:
+        attn = attn_drop(attn)
     x = attn @ v
     return x.transpose(1, 2).reshape(B_, N, -1), logits
 
@@ -170,7 +173,7 @@ def swin_attention(x: torch.Tensor, attn: nn.Module, window: tuple[int, int], sh
     mask = shift_region_mask(Hp, Wp, window, shift, x.device, x.dtype)
     qkv = attn.qkv(windows)
     bias = relative_position_bias(attn.relative_position_bias_table, window)
-    out, _ = _windowed_attention(qkv, bias, mask, attn.num_heads, attn.scale)
+    out, _ = _windowed_attention(qkv, bias, mask, attn.num_heads, attn.scale, attn.attn_drop)
     out = attn.proj_drop(attn.proj(out))
     return _reverse_and_crop(out, window, shift, H, W, Hp, Wp)
 
@@ -195,5 +198,5 @@ class WindowAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         bias = relative_position_bias(self.relative_position_bias_table, self.window_size)
-        out, _ = _windowed_attention(self.qkv(x), bias, mask, self.num_heads, self.scale)
+        out, _ = _windowed_attention(self.qkv(x), bias, mask, self.num_heads, self.scale, self.attn_drop)
         return self.proj_drop(self.proj(out))

@@ -18,6 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
+from effvit.triton_kernels.common import to_acc
+
 BLOCK = 1024
 
 
@@ -53,14 +55,6 @@ def _shift_source(c, h, w, group, H, W, REVERSE: tl.constexpr):
 
 
 @triton.jit
-def _to_acc(v, ACC: tl.constexpr):
-    """Converts loaded values to the accumulation type (bf16 via fp32: the interpreter has no bf16 maths)."""
-    if v.dtype == tl.bfloat16:
-        v = v.to(tl.float32)
-    return v.to(ACC)
-
-
-@triton.jit
 def _shift_kernel(x_ptr, out_ptr, partial_ptr, C, H, W, group, sample_numel,
                   xs_b, xs_c, xs_h, xs_w, os_b, os_c, os_h, os_w,
                   CHANNEL_INNER: tl.constexpr, REVERSE: tl.constexpr, STATS_ONLY: tl.constexpr,
@@ -75,7 +69,7 @@ def _shift_kernel(x_ptr, out_ptr, partial_ptr, C, H, W, group, sample_numel,
     sh, sw, valid = _shift_source(c, h, w, group, H, W, REVERSE)
     v = tl.load(x_ptr + b * xs_b + c * xs_c + sh * xs_h + sw * xs_w, mask=in_range & valid, other=0.0)
     if STATS_ONLY:
-        d = _to_acc(v, tl.float64)
+        d = to_acc(v, tl.float64)
         slot = partial_ptr + (b * tl.num_programs(0) + pid) * 2
         tl.store(slot, tl.sum(d, axis=0))
         tl.store(slot + 1, tl.sum(d * d, axis=0))
@@ -100,7 +94,7 @@ def _shift_affine_kernel(x_ptr, s_ptr, y_ptr, coef_ptr, C, H, W, group, sample_n
     tl.store(s_ptr + out, v, mask=in_range)
     a = tl.load(coef_ptr + b * 2 * C + c, mask=in_range, other=0.0)
     shift = tl.load(coef_ptr + (b * 2 + 1) * C + c, mask=in_range, other=0.0)
-    y = _to_acc(v, ACC) * a + shift
+    y = to_acc(v, ACC) * a + shift
     tl.store(y_ptr + out, y.to(y_ptr.dtype.element_ty), mask=in_range)
 
 
@@ -117,8 +111,8 @@ def _channel_sums_kernel(dy_ptr, s_ptr, out_ptr, C, H, W,
         m = i < H * W
         h = i // W
         w = i % W
-        g = _to_acc(tl.load(dy_ptr + b * ds_b + c * ds_c + h * ds_h + w * ds_w, mask=m, other=0.0), tl.float64)
-        v = _to_acc(tl.load(s_ptr + b * ss_b + c * ss_c + h * ss_h + w * ss_w, mask=m, other=0.0), tl.float64)
+        g = to_acc(tl.load(dy_ptr + b * ds_b + c * ds_c + h * ds_h + w * ds_w, mask=m, other=0.0), tl.float64)
+        v = to_acc(tl.load(s_ptr + b * ss_b + c * ss_c + h * ss_h + w * ss_w, mask=m, other=0.0), tl.float64)
         acc_a += g * v
         acc_g += g
     slot = out_ptr + (b * C + c) * 2
@@ -139,15 +133,15 @@ def _shift_grad_kernel(gs_ptr, gy_ptr, s_ptr, dx_ptr, p_ptr, qr_ptr, C, H, W, gr
     c, h, w = _decode(i, C, H, W, CHANNEL_INNER)
     sh, sw, valid = _shift_source(c, h, w, group, H, W, True)
     m = in_range & valid
-    gy = _to_acc(tl.load(gy_ptr + b * gys_b + c * gys_c + sh * gys_h + sw * gys_w, mask=m, other=0.0), ACC)
-    s = _to_acc(tl.load(s_ptr + b * ss_b + c * ss_c + sh * ss_h + sw * ss_w, mask=m, other=0.0), ACC)
+    gy = to_acc(tl.load(gy_ptr + b * gys_b + c * gys_c + sh * gys_h + sw * gys_w, mask=m, other=0.0), ACC)
+    s = to_acc(tl.load(s_ptr + b * ss_b + c * ss_c + sh * ss_h + sw * ss_w, mask=m, other=0.0), ACC)
     p = tl.load(p_ptr + b * C + c, mask=in_range, other=0.0)
     q = tl.load(qr_ptr + b * 2)
     r = tl.load(qr_ptr + b * 2 + 1)
     v = p * gy + q + r * s
     if HAS_GS:
         gs = tl.load(gs_ptr + b * gss_b + c * gss_c + sh * gss_h + sw * gss_w, mask=m, other=0.0)
-        v += _to_acc(gs, ACC)
+        v += to_acc(gs, ACC)
     v = tl.where(m, v, 0.0)
     tl.store(dx_ptr + b * dxs_b + c * dxs_c + h * dxs_h + w * dxs_w, v.to(dx_ptr.dtype.element_ty), mask=in_range)
 

@@ -43,19 +43,13 @@ import torch
 import triton
 import triton.language as tl
 
+from effvit.triton_kernels.common import to_acc
+
 # (tl.constexpr: compiled kernels may only read globals that are)
 MASK_VALUE = tl.constexpr(-100.0)  # Swin's logit offset between tokens of different shift regions
 NEG_FILL = tl.constexpr(-1.0e30)   # logit of key lanes past the window: exp() underflows to 0, and it is
                                    # finite, so a max or difference of such values is never NaN (-inf - -inf is)
 FP64_TL_DOT = True    # float64 matmuls by tl.dot; False: broadcast-multiply-sum fallback
-
-
-@triton.jit
-def _to_acc(v, ACC: tl.constexpr):
-    """Converts loaded values to the accumulation type (bf16 via fp32: the interpreter has no bf16 maths)."""
-    if v.dtype == tl.bfloat16:
-        v = v.to(tl.float32)
-    return v.to(ACC)
 
 
 @triton.jit
@@ -214,7 +208,7 @@ def _query_chunk(qkv_ptr, pad_ptr, do_ptr, out_ptr, lse_ptr, win, tm, base, b, h
     o_off = rows[:, None] * C + h * HEAD_DIM + d[None, :]
     do = tl.load(do_ptr + o_off, mask=om, other=0.0)
     o = tl.load(out_ptr + o_off, mask=om, other=0.0)
-    dsum = tl.sum(_to_acc(do, ACC) * _to_acc(o, ACC), axis=1)
+    dsum = tl.sum(to_acc(do, ACC) * to_acc(o, ACC), axis=1)
     lse = tl.load(lse_ptr + (b.to(tl.int64) * heads + h) * H * W + pix_m, mask=real_m, other=0.0)
     return q, do, lse, dsum, real_m, reg_m, rows
 
