@@ -430,6 +430,27 @@ EFFVIT_ALWAYS_INLINE void window_backward_body(const WindowCall<scalar_t, acc_t>
 }
 EFFVIT_CPU_ISA_VARIANTS(window_backward_range, window_backward_body)
 
+// bias[h, i, j] = columns[h, index[i, j]] (0 without a table) for i, j < N; everything else -1e30, so that
+// padded key columns vanish in the softmax.
+template <typename acc_t>
+EFFVIT_ALWAYS_INLINE void fill_bias_body(const acc_t* columns, const int32_t* index, acc_t* bias, int N, int rows,
+                                         int Np, int T, int64_t head_begin, int64_t head_end) {
+  for (int64_t h = head_begin; h < head_end; ++h) {
+    const acc_t* col = columns != nullptr ? columns + h * T : nullptr;
+    for (int i = 0; i < rows; ++i) {
+      acc_t* __restrict__ row = bias + (h * rows + i) * Np;
+      const int real = i < N ? N : 0;
+      const int32_t* __restrict__ idx = index + i * N;
+      if (col != nullptr)
+        for (int j = 0; j < real; ++j) row[j] = col[idx[j]];
+      else
+        for (int j = 0; j < real; ++j) row[j] = acc_t(0);
+      for (int j = real; j < Np; ++j) row[j] = static_cast<acc_t>(kMaskedColumn);
+    }
+  }
+}
+EFFVIT_CPU_ISA_VARIANTS(fill_bias, fill_bias_body)
+
 // The per-call shared state: bias table gathered to [heads, round_up(N, 4), Np] with padded entries masked, and the
 // bias row of each (i, j).
 template <typename scalar_t, typename acc_t>
@@ -451,12 +472,22 @@ struct WindowCallStorage {
     for (int i = 0; i < g.N; ++i)
       for (int j = 0; j < g.N; ++j) bias_rows[i * g.N + j] = g.bias_row(i, j);
     const int rows = round_up(g.N, kRows);
-    bias.assign(int64_t{g.heads} * rows * c.Np, static_cast<acc_t>(kMaskedColumn));
-    const acc_t* table = in.bias_table.defined() ? in.bias_table.data_ptr<acc_t>() : nullptr;
-    for (int h = 0; h < g.heads; ++h)
-      for (int i = 0; i < g.N; ++i)
-        for (int j = 0; j < g.N; ++j)
-          bias[(int64_t{h} * rows + i) * c.Np + j] = table ? table[bias_rows[i * g.N + j] * g.heads + h] : acc_t(0);
+    bias.resize(int64_t{g.heads} * rows * c.Np);
+    // the table's columns made contiguous per head, then gathered to [heads, rows, Np], heads in parallel
+    std::vector<acc_t> columns;
+    if (in.bias_table.defined()) {
+      const acc_t* table = in.bias_table.data_ptr<acc_t>();
+      columns.resize(int64_t{g.heads} * g.table_rows());
+      for (int r = 0; r < g.table_rows(); ++r)
+        for (int h = 0; h < g.heads; ++h) columns[int64_t{h} * g.table_rows() + r] = table[r * g.heads + h];
+    }
+    const acc_t* cols = columns.empty() ? nullptr : columns.data();
+    acc_t* dst = bias.data();
+    const int32_t* index = bias_rows.data();
+    const int N = g.N, Np = c.Np, T = g.table_rows();
+    at::parallel_for(0, g.heads, 1, [&](int64_t begin, int64_t end) {
+      fill_bias(cols, index, dst, N, rows, Np, T, begin, end);
+    });
     c.bias = bias.data();
     c.bias_rows = bias_rows.data();
   }
