@@ -4,11 +4,13 @@ sgemm) for the roofline ratios."""
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import math
 import os
 import statistics
+import sys
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -127,7 +129,7 @@ def peak_memory_bytes(step: Callable[..., None], inputs: tuple, device: str) -> 
     from torch.profiler import ProfilerActivity, profile
 
     try:
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
             step(*inputs)
     except Exception:  # pragma: no cover - profiler unavailable in this build
         return None
@@ -138,6 +140,22 @@ def peak_memory_bytes(step: Callable[..., None], inputs: tuple, device: str) -> 
         current += delta
         peak = max(peak, current)
     return int(peak)
+
+
+@contextlib.contextmanager
+def _quiet_stderr():
+    """Silences the process's stderr (file descriptor 2): the profiler's C++ side prints a line on every
+    start and stop (KINETO_LOG_LEVEL does not reach those), which would bury the benchmark's output."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
 
 
 # ---- this machine's peaks ------------------------------------------------------------------------------
