@@ -165,9 +165,8 @@ template <typename acc_t>
 struct Scratch {
   std::vector<acc_t> q, k, v, kt, s, o;
   std::vector<acc_t> vt, dout, dp, dq, dk, dv;  // backward only
-  std::vector<int32_t> pixel, region;
-  Scratch(int Np, int Dp, int N, bool backward)
-      : q(Np * Dp), k(Np * Dp), v(Np * Dp), kt(Dp * Np), s(Np * Np), o(Np * Dp), pixel(N), region(N) {
+  Scratch(int Np, int Dp, bool backward)
+      : q(Np * Dp), k(Np * Dp), v(Np * Dp), kt(Dp * Np), s(Np * Np), o(Np * Dp) {
     if (backward) {
       for (auto* b : {&vt, &dout, &dq, &dk, &dv}) b->assign(Np * Dp, 0);
       dp.assign(Np * Np, 0);
@@ -209,27 +208,84 @@ EFFVIT_ALWAYS_INLINE acc_t dot_row(const acc_t* __restrict__ a, const scalar_t* 
   return sum;
 }
 
-// Gathers the q (times scale), k and v of one (window, head) into the scratch buffers, and k transposed;
-// records each token's input pixel (-1: padding) and region. Returns whether the window holds more than
-// one region.
+// The input pixel (-1: padding) and shift region of each token of window (wy, wx), walked row by row (no
+// division per token); returns whether the window holds more than one region.
+inline bool window_tokens(const WindowGeometry& g, int wy, int wx, int32_t* pixel, int32_t* region) {
+  bool several = false;
+  for (int ty = 0, t = 0; ty < g.wh; ++ty) {
+    const int r = wy * g.wh + ty, src_r = g.source_row(r);
+    for (int tx = 0; tx < g.ww; ++tx, ++t) {
+      const int c = wx * g.ww + tx, src_c = g.source_col(c);
+      pixel[t] = src_r < 0 || src_c < 0 ? -1 : src_r * g.W + src_c;
+      region[t] = g.shifted ? g.region(r, c) : 0;
+      several |= region[t] != region[0];
+    }
+  }
+  return several;
+}
+
+// The tokens of the current task's window, and of the next task's when that is another window. Tasks run
+// heads fastest, so a window's tokens are worked out once for all its heads; the next task's q, k and v
+// rows are requested ahead of time (scattered short runs the hardware prefetcher does not follow; the
+// current task's GEMMs hide the wait).
+struct TokenCursor {
+  std::vector<int32_t> pixel, region, next_pixel, next_region;
+  int64_t window = -1, next_window = -1;
+  bool several = false, next_several = false;
+  explicit TokenCursor(int N) : pixel(N), region(N), next_pixel(N), next_region(N) {}
+
+  template <typename scalar_t, typename acc_t>
+  EFFVIT_ALWAYS_INLINE void enter(const WindowCall<scalar_t, acc_t>& c, int64_t t, int64_t end, const TaskIndex& ti) {
+    const WindowGeometry& g = c.g;
+    const int64_t w = t / g.heads;
+    if (w != window) {
+      if (w == next_window) {
+        pixel.swap(next_pixel);
+        region.swap(next_region);
+        several = next_several;
+      } else {
+        several = window_tokens(g, ti.wy, ti.wx, pixel.data(), region.data());
+      }
+      window = w;
+    }
+    if (t + 1 >= end) return;
+    if ((t + 1) / g.heads == w) {
+      prefetch(c, ti.b, pixel.data(), ti.h + 1);
+    } else {
+      const TaskIndex nt = task_index(g, t + 1);
+      next_several = window_tokens(g, nt.wy, nt.wx, next_pixel.data(), next_region.data());
+      next_window = (t + 1) / g.heads;
+      prefetch(c, nt.b, next_pixel.data(), nt.h);
+    }
+  }
+
+  template <typename scalar_t, typename acc_t>
+  EFFVIT_ALWAYS_INLINE static void prefetch(const WindowCall<scalar_t, acc_t>& c, int b, const int32_t* pix, int h) {
+    const WindowGeometry& g = c.g;
+    const int C = g.C(), bytes = g.head_dim * static_cast<int>(sizeof(scalar_t));
+    const scalar_t* base = c.qkv + int64_t{b} * g.H * g.W * 3 * C + h * g.head_dim;
+    for (int t = 0; t < g.N; ++t) {
+      if (pix[t] < 0) continue;
+      const char* src = reinterpret_cast<const char*>(base + int64_t{pix[t]} * 3 * C);
+      for (int part = 0; part < 3; ++part)
+        for (int off = 0; off < bytes; off += 64) __builtin_prefetch(src + part * C * sizeof(scalar_t) + off);
+    }
+  }
+};
+
+// Gathers the q (times scale), k and v of one (window, head) into the scratch buffers, and k transposed.
 template <typename scalar_t, typename acc_t>
-EFFVIT_ALWAYS_INLINE bool gather_window(const WindowCall<scalar_t, acc_t>& c, const TaskIndex& ti,
-                                        Scratch<acc_t>& s) {
+EFFVIT_ALWAYS_INLINE void gather_window(const WindowCall<scalar_t, acc_t>& c, const TaskIndex& ti,
+                                        const int32_t* pixel, Scratch<acc_t>& s) {
   const WindowGeometry& g = c.g;
   const int C = g.C(), D = g.head_dim, Np = c.Np, Dp = c.Dp;
   const int64_t image = int64_t{ti.b} * g.H * g.W;
   const acc_t scale = c.scale;
-  bool several_regions = false;
   acc_t* __restrict__ q = s.q.data();
   acc_t* __restrict__ k = s.k.data();
   acc_t* __restrict__ v = s.v.data();
   for (int t = 0; t < g.N; ++t) {
-    const int r = g.row(ti.wy, t), col = g.col(ti.wx, t);
-    const int pix = g.source_pixel(r, col);
-    s.pixel[t] = pix;
-    s.region[t] = g.shifted ? g.region(r, col) : 0;
-    several_regions |= s.region[t] != s.region[0];
-    const scalar_t* src = pix >= 0 ? c.qkv + (image + pix) * 3 * C : c.pad_qkv;
+    const scalar_t* src = pixel[t] >= 0 ? c.qkv + (image + pixel[t]) * 3 * C : c.pad_qkv;
     if (src == nullptr) {  // padding token without a qkv bias
       std::fill(q + t * Dp, q + t * Dp + D, acc_t(0));
       std::fill(k + t * Dp, k + t * Dp + D, acc_t(0));
@@ -244,29 +300,12 @@ EFFVIT_ALWAYS_INLINE bool gather_window(const WindowCall<scalar_t, acc_t>& c, co
   acc_t* __restrict__ kt = s.kt.data();
   for (int d = 0; d < D; ++d)
     for (int t = 0; t < g.N; ++t) kt[d * Np + t] = k[t * Dp + d];
-  return several_regions;
-}
-
-// Asks for the q, k and v rows of a task ahead of time: they are scattered over the map (one short run per
-// token and head), too irregular for the hardware prefetcher, and the next task's GEMMs hide the wait.
-template <typename scalar_t, typename acc_t>
-EFFVIT_ALWAYS_INLINE void prefetch_window(const WindowCall<scalar_t, acc_t>& c, const TaskIndex& ti) {
-  const WindowGeometry& g = c.g;
-  const int C = g.C(), bytes = g.head_dim * static_cast<int>(sizeof(scalar_t));
-  const int64_t image = int64_t{ti.b} * g.H * g.W;
-  for (int t = 0; t < g.N; ++t) {
-    const int pix = g.source_pixel(g.row(ti.wy, t), g.col(ti.wx, t));
-    if (pix < 0) continue;
-    const char* src = reinterpret_cast<const char*>(c.qkv + (image + pix) * 3 * C + ti.h * g.head_dim);
-    for (int part = 0; part < 3; ++part)
-      for (int off = 0; off < bytes; off += 64) __builtin_prefetch(src + part * C * sizeof(scalar_t) + off);
-  }
 }
 
 // logits = bias + q k^T (+ region mask) in s.s, rows [0, rows).
 template <typename scalar_t, typename acc_t>
 EFFVIT_ALWAYS_INLINE void window_logits(const WindowCall<scalar_t, acc_t>& c, const TaskIndex& ti, Scratch<acc_t>& s,
-                                        bool several_regions, int rows) {
+                                        const int32_t* region, bool several_regions, int rows) {
   const int Np = c.Np, N = c.g.N;
   gemm_nn(s.q.data(), c.Dp, s.kt.data(), Np, s.s.data(), Np, rows, c.g.head_dim, Np,
           c.bias + int64_t{ti.h} * rows * Np);
@@ -274,7 +313,7 @@ EFFVIT_ALWAYS_INLINE void window_logits(const WindowCall<scalar_t, acc_t>& c, co
   for (int i = 0; i < N; ++i) {
     acc_t* srow = s.s.data() + i * Np;
     for (int j = 0; j < N; ++j)
-      if (s.region[i] != s.region[j]) srow[j] += static_cast<acc_t>(kSwinMaskValue);
+      if (region[i] != region[j]) srow[j] += static_cast<acc_t>(kSwinMaskValue);
   }
 }
 
@@ -318,28 +357,30 @@ EFFVIT_ALWAYS_INLINE void window_forward_body(const WindowCall<scalar_t, acc_t>*
   const int N = g.N, Np = c.Np, Dp = c.Dp, D = g.head_dim, C = g.C();
   const int rows = round_up(N, kRows);
   const int64_t HW = int64_t{g.H} * g.W;
-  Scratch<acc_t> s(Np, Dp, N, false);
+  Scratch<acc_t> s(Np, Dp, false);
+  TokenCursor tokens(N);
   std::vector<acc_t> inv_sum(N);
   for (int64_t t = begin; t < end; ++t) {
     const TaskIndex ti = task_index(g, t);
-    const bool several = gather_window(c, ti, s);
-    if (t + 1 < end) prefetch_window(c, task_index(g, t + 1));
-    window_logits(c, ti, s, several, rows);
+    tokens.enter(c, t, end, ti);
+    gather_window(c, ti, tokens.pixel.data(), s);
+    window_logits(c, ti, s, tokens.region.data(), tokens.several, rows);
+    const int32_t* pixel = tokens.pixel.data();
     for (int i = 0; i < N; ++i) {
       acc_t* row = s.s.data() + i * Np;
-      if (s.pixel[i] < 0) {  // a padding query: cropped, so skip its softmax
+      if (pixel[i] < 0) {  // a padding query: cropped, so skip its softmax
         std::fill(row, row + Np, acc_t(0));
         continue;
       }
       const acc_t m = row_max(row, Np);
       const acc_t sum = exp_row(row, Np, m);
       inv_sum[i] = acc_t(1) / sum;
-      lse[(int64_t{ti.b} * g.heads + ti.h) * HW + s.pixel[i]] = m + std::log(sum);
+      lse[(int64_t{ti.b} * g.heads + ti.h) * HW + pixel[i]] = m + std::log(sum);
     }
     gemm_nn(s.s.data(), Np, s.v.data(), Dp, s.o.data(), Dp, rows, N, Dp);
     for (int i = 0; i < N; ++i) {
-      if (s.pixel[i] < 0) continue;
-      scalar_t* dst = out + (int64_t{ti.b} * HW + s.pixel[i]) * C + ti.h * D;
+      if (pixel[i] < 0) continue;
+      scalar_t* dst = out + (int64_t{ti.b} * HW + pixel[i]) * C + ti.h * D;
       const acc_t* o = s.o.data() + i * Dp;
       store_row(o, dst, D, inv_sum[i]);
     }
@@ -359,29 +400,31 @@ EFFVIT_ALWAYS_INLINE void window_backward_body(const WindowCall<scalar_t, acc_t>
   const int rows = round_up(N, kRows);
   const int table_rows = g.table_rows();
   const int64_t HW = int64_t{g.H} * g.W;
-  Scratch<acc_t> s(Np, Dp, N, true);
+  Scratch<acc_t> s(Np, Dp, true);
+  TokenCursor tokens(N);
   std::vector<acc_t> delta(N);
   // dS summed over this chunk's windows per (head, i, j), folded into table rows once at the end: a dense
   // vector add per task instead of N * N scattered adds
   std::vector<acc_t> dense_bias(grad_bias != nullptr ? int64_t{g.heads} * N * Np : 0, acc_t(0));
   for (int64_t t = begin; t < end; ++t) {
     const TaskIndex ti = task_index(g, t);
-    const bool several = gather_window(c, ti, s);
-    if (t + 1 < end) prefetch_window(c, task_index(g, t + 1));
-    window_logits(c, ti, s, several, rows);
+    tokens.enter(c, t, end, ti);
+    gather_window(c, ti, tokens.pixel.data(), s);
+    window_logits(c, ti, s, tokens.region.data(), tokens.several, rows);
+    const int32_t* pixel = tokens.pixel.data();
     const int64_t head_base = (int64_t{ti.b} * g.heads + ti.h) * HW;
     // P from the saved log-sum-exp; dO, D_i = dO_i . O_i; V^T for dP = dO V^T
     for (int i = 0; i < N; ++i) {
       acc_t* prow = s.s.data() + i * Np;
       acc_t* dorow = s.dout.data() + i * Dp;
-      if (s.pixel[i] < 0) {
+      if (pixel[i] < 0) {
         std::fill(prow, prow + Np, acc_t(0));
         std::fill(dorow, dorow + D, acc_t(0));
         delta[i] = 0;
         continue;
       }
-      exp_row(prow, Np, lse[head_base + s.pixel[i]]);
-      const int64_t at = (int64_t{ti.b} * HW + s.pixel[i]) * C + ti.h * D;
+      exp_row(prow, Np, lse[head_base + pixel[i]]);
+      const int64_t at = (int64_t{ti.b} * HW + pixel[i]) * C + ti.h * D;
       load_row(grad_out + at, dorow, D, acc_t(1));
       delta[i] = dot_row(dorow, out + at, D);
     }
@@ -408,7 +451,7 @@ EFFVIT_ALWAYS_INLINE void window_backward_body(const WindowCall<scalar_t, acc_t>
       const acc_t* dq = s.dq.data() + j * Dp;
       const acc_t* dk = s.dk.data() + j * Dp;
       const acc_t* dv = s.dv.data() + j * Dp;
-      if (s.pixel[j] < 0) {  // padding token: its k and v are pad_qkv's, whose gradient sums over them
+      if (pixel[j] < 0) {  // padding token: its k and v are pad_qkv's, whose gradient sums over them
         acc_t* pk = grad_pad + C + ti.h * D;
         for (int d = 0; d < D; ++d) {
           pk[d] += dk[d];
@@ -416,7 +459,7 @@ EFFVIT_ALWAYS_INLINE void window_backward_body(const WindowCall<scalar_t, acc_t>
         }
         continue;
       }
-      scalar_t* dst = grad_qkv + (int64_t{ti.b} * HW + s.pixel[j]) * 3 * C + ti.h * D;
+      scalar_t* dst = grad_qkv + (int64_t{ti.b} * HW + pixel[j]) * 3 * C + ti.h * D;
       store_row(dq, dst, D, c.scale);
       store_row(dk, dst + C, D, acc_t(1));
       store_row(dv, dst + 2 * C, D, acc_t(1));
