@@ -363,6 +363,18 @@ def test_timm_patch_attention_dropout_in_training_runs_the_reference(seed):
     assert torch.allclose(block._attn(x), expected, atol=1e-6)
 
 
+def test_timm_patch_under_autocast():
+    """Under autocast the qkv Linear gives bfloat16 while the bias table stays float32, as in timm."""
+    model = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, depths=(1, 1, 1, 1),
+                              embed_dim=32, num_heads=(1, 2, 2, 4), img_size=(64, 80), strict_img_size=False).eval()
+    x = torch.randn(2, 3, 64, 80)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = model(x)
+        out = effvit.patch.timm(model)(x)
+    assert out.dtype == expected.dtype == torch.bfloat16
+    assert rel_error(out, expected) < 3e-2
+
+
 def test_timm_patch_needs_a_swin():
     with pytest.raises(ValueError, match="no timm SwinTransformerBlock"):
         effvit.patch.timm(torch.nn.Linear(2, 2))
