@@ -332,6 +332,17 @@ EFFVIT_ALWAYS_INLINE acc_t row_max(const acc_t* row, int Np) {
   return out;
 }
 
+// Task t's window in the scratch buffers: its tokens, q, k, v and the logits (rows [0, rows)).
+template <typename scalar_t, typename acc_t>
+EFFVIT_ALWAYS_INLINE TaskIndex start_task(const WindowCall<scalar_t, acc_t>& c, int64_t t, int64_t end, int rows,
+                                          TokenCursor& tokens, Scratch<acc_t>& s) {
+  const TaskIndex ti = task_index(c.g, t);
+  tokens.enter(c, t, end, ti);
+  gather_window(c, ti, tokens.pixel.data(), s);
+  window_logits(c, ti, s, tokens.region.data(), tokens.several, rows);
+  return ti;
+}
+
 // Row i of s.s becomes exp(logit - shift) in place; returns the row's sum.
 template <typename acc_t>
 EFFVIT_ALWAYS_INLINE acc_t exp_row(acc_t* row, int Np, acc_t shift) {
@@ -361,10 +372,7 @@ EFFVIT_ALWAYS_INLINE void window_forward_body(const WindowCall<scalar_t, acc_t>*
   TokenCursor tokens(N);
   std::vector<acc_t> inv_sum(N);
   for (int64_t t = begin; t < end; ++t) {
-    const TaskIndex ti = task_index(g, t);
-    tokens.enter(c, t, end, ti);
-    gather_window(c, ti, tokens.pixel.data(), s);
-    window_logits(c, ti, s, tokens.region.data(), tokens.several, rows);
+    const TaskIndex ti = start_task(c, t, end, rows, tokens, s);
     const int32_t* pixel = tokens.pixel.data();
     for (int i = 0; i < N; ++i) {
       acc_t* row = s.s.data() + i * Np;
@@ -407,10 +415,7 @@ EFFVIT_ALWAYS_INLINE void window_backward_body(const WindowCall<scalar_t, acc_t>
   // vector add per task instead of N * N scattered adds
   std::vector<acc_t> dense_bias(grad_bias != nullptr ? int64_t{g.heads} * N * Np : 0, acc_t(0));
   for (int64_t t = begin; t < end; ++t) {
-    const TaskIndex ti = task_index(g, t);
-    tokens.enter(c, t, end, ti);
-    gather_window(c, ti, tokens.pixel.data(), s);
-    window_logits(c, ti, s, tokens.region.data(), tokens.several, rows);
+    const TaskIndex ti = start_task(c, t, end, rows, tokens, s);
     const int32_t* pixel = tokens.pixel.data();
     const int64_t head_base = (int64_t{ti.b} * g.heads + ti.h) * HW;
     // P from the saved log-sum-exp; dO, D_i = dO_i . O_i; V^T for dP = dO V^T
