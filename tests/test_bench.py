@@ -124,6 +124,11 @@ def test_window_core_tiny_run():
                               measure_peaks=False, memory=False, backward=True,
                               policy=effvit.bench.timing.TimingPolicy(budget_s=0.01, min_repeats=2, warmup=1))
     ok = {(r["op"], r["impl"], r["direction"]) for r in result["records"] if r["status"] == "ok"}
-    for op in ("core", "attn"):
+    try:
+        import timm  # noqa: F401  (the attention-path peers are timm's blocks)
+        ops = ("core", "attn")
+    except ImportError:
+        ops = ("core",)
+    for op in ops:
         for impl in ("effvit:cpu", "eager", "timm-sdpa"):
             assert (op, impl, "fwd+bwd") in ok, (op, impl, sorted(ok))
