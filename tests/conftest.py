@@ -29,16 +29,19 @@ ALL_DTYPES = DTYPES + (torch.float64,)
 REL_TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 
 
-def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+def rel_error(out: torch.Tensor, ref: torch.Tensor, scale: float = 0.0) -> float:
+    """max |out - ref| over max |ref|, or over ``scale`` when that is larger: the size of the terms a result
+    is a difference of, where it cancels (then its rounding error scales with the terms, not with it)."""
     out, ref = out.double(), ref.double()
-    scale = ref.abs().max().item() if ref.numel() else 0.0
+    scale = max(scale, ref.abs().max().item() if ref.numel() else 0.0)
     return ((out - ref).abs().max().item() / max(scale, 1e-30)) if ref.numel() else 0.0
 
 
-def assert_close_rel(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, what: str = "") -> None:
+def assert_close_rel(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, what: str = "",
+                     scale: float = 0.0) -> None:
     assert out.shape == ref.shape, f"{what}: shape {tuple(out.shape)} != {tuple(ref.shape)}"
     assert not torch.isnan(out).any(), f"{what}: NaN in output (an element left unwritten?)"
-    err = rel_error(out, ref)
+    err = rel_error(out, ref, scale)
     assert err <= REL_TOL[dtype], f"{what}: relative error {err:.3g} > {REL_TOL[dtype]:.0g} for {dtype}"
 
 
