@@ -200,12 +200,17 @@ EFFVIT_ALWAYS_INLINE void store_row(const acc_t* __restrict__ src, scalar_t* __r
   for (int d = 0; d < D; ++d) dst[d] = static_cast<scalar_t>(src[d] * mul);
 }
 
-// sum_d a[d] * b[d], a in the accumulation type and b as stored.
-template <typename scalar_t, typename acc_t>
-EFFVIT_ALWAYS_INLINE acc_t dot_row(const acc_t* __restrict__ a, const scalar_t* __restrict__ b, int D) {
-  acc_t sum = 0;
-  for (int d = 0; d < D; ++d) sum += a[d] * static_cast<acc_t>(b[d]);
-  return sum;
+// sum over d < Dp of a[d] * b[d], both zero-padded to Dp (a multiple of the vector width): vector partial sums,
+// since a scalar float sum is one long dependency chain the compiler may not reorder.
+template <typename acc_t>
+EFFVIT_ALWAYS_INLINE acc_t dot_padded(const acc_t* a, const acc_t* b, int Dp) {
+  using V = typename Vec<acc_t>::type;
+  constexpr int L = Vec<acc_t>::lanes;
+  V sum = {};
+  for (int d = 0; d < Dp; d += L) sum += vload<V>(a + d) * vload<V>(b + d);
+  acc_t total = 0;
+  for (int l = 0; l < L; ++l) total += sum[l];
+  return total;
 }
 
 // The input pixel (-1: padding) and shift region of each token of window (wy, wx), walked row by row (no
@@ -232,6 +237,8 @@ struct TokenCursor {
   std::vector<int32_t> pixel, region, next_pixel, next_region;
   int64_t window = -1, next_window = -1;
   bool several = false, next_several = false;
+  const int32_t* ahead_pixel = nullptr;  // the next task's tokens, image and head (ahead_pixel null: none)
+  int ahead_b = 0, ahead_h = 0;
   explicit TokenCursor(int N) : pixel(N), region(N), next_pixel(N), next_region(N) {}
 
   template <typename scalar_t, typename acc_t>
@@ -248,26 +255,30 @@ struct TokenCursor {
       }
       window = w;
     }
+    ahead_pixel = nullptr;
     if (t + 1 >= end) return;
     if ((t + 1) / g.heads == w) {
-      prefetch(c, ti.b, pixel.data(), ti.h + 1);
+      ahead_pixel = pixel.data(), ahead_b = ti.b, ahead_h = ti.h + 1;
     } else {
       const TaskIndex nt = task_index(g, t + 1);
       next_several = window_tokens(g, nt.wy, nt.wx, next_pixel.data(), next_region.data());
       next_window = (t + 1) / g.heads;
-      prefetch(c, nt.b, next_pixel.data(), nt.h);
+      ahead_pixel = next_pixel.data(), ahead_b = nt.b, ahead_h = nt.h;
     }
+    prefetch(c.qkv, 3, c.g, ahead_b, ahead_pixel, ahead_h);
   }
 
-  template <typename scalar_t, typename acc_t>
-  EFFVIT_ALWAYS_INLINE static void prefetch(const WindowCall<scalar_t, acc_t>& c, int b, const int32_t* pix, int h) {
-    const WindowGeometry& g = c.g;
+  // Requests the head-h runs of `parts` consecutive [C] parts of each token's row in a [B, H, W, parts * C]
+  // tensor (3 for qkv; 1 for the output and its gradient).
+  template <typename scalar_t>
+  EFFVIT_ALWAYS_INLINE static void prefetch(const scalar_t* data, int parts, const WindowGeometry& g, int b,
+                                            const int32_t* pix, int h) {
     const int C = g.C(), bytes = g.head_dim * static_cast<int>(sizeof(scalar_t));
-    const scalar_t* base = c.qkv + int64_t{b} * g.H * g.W * 3 * C + h * g.head_dim;
+    const scalar_t* base = data + int64_t{b} * g.H * g.W * parts * C + h * g.head_dim;
     for (int t = 0; t < g.N; ++t) {
       if (pix[t] < 0) continue;
-      const char* src = reinterpret_cast<const char*>(base + int64_t{pix[t]} * 3 * C);
-      for (int part = 0; part < 3; ++part)
+      const char* src = reinterpret_cast<const char*>(base + int64_t{pix[t]} * parts * C);
+      for (int part = 0; part < parts; ++part)
         for (int off = 0; off < bytes; off += 64) __builtin_prefetch(src + part * C * sizeof(scalar_t) + off);
     }
   }
@@ -417,6 +428,10 @@ EFFVIT_ALWAYS_INLINE void window_backward_body(const WindowCall<scalar_t, acc_t>
   for (int64_t t = begin; t < end; ++t) {
     const TaskIndex ti = start_task(c, t, end, rows, tokens, s);
     const int32_t* pixel = tokens.pixel.data();
+    if (tokens.ahead_pixel != nullptr) {
+      TokenCursor::prefetch(out, 1, g, tokens.ahead_b, tokens.ahead_pixel, tokens.ahead_h);
+      TokenCursor::prefetch(grad_out, 1, g, tokens.ahead_b, tokens.ahead_pixel, tokens.ahead_h);
+    }
     const int64_t head_base = (int64_t{ti.b} * g.heads + ti.h) * HW;
     // P from the saved log-sum-exp; dO, D_i = dO_i . O_i; V^T for dP = dO V^T
     for (int i = 0; i < N; ++i) {
@@ -431,7 +446,9 @@ EFFVIT_ALWAYS_INLINE void window_backward_body(const WindowCall<scalar_t, acc_t>
       exp_row(prow, Np, lse[head_base + pixel[i]]);
       const int64_t at = (int64_t{ti.b} * HW + pixel[i]) * C + ti.h * D;
       load_row(grad_out + at, dorow, D, acc_t(1));
-      delta[i] = dot_row(dorow, out + at, D);
+      acc_t* orow = s.o.data() + i * Dp;  // the forward's buffer, free here
+      load_row(out + at, orow, D, acc_t(1));
+      delta[i] = dot_padded(dorow, orow, Dp);
     }
     for (int j = 0; j < N; ++j)
       for (int d = 0; d < D; ++d) s.vt[d * Np + j] = s.v[j * Dp + d];
