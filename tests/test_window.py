@@ -143,6 +143,17 @@ def test_edge_geometries(backend, case, seed, poisoned):
         assert rel_error(g, e) <= 1e-5
 
 
+@pytest.mark.parametrize("backend", ["torch"] + BACKENDS)
+def test_half_qkv_with_float32_table(backend, seed):
+    """The table stays float32 under autocast while qkv is half: every backend, the reference too, takes it."""
+    case = dict(B=1, H=6, W=7, heads=2, head_dim=16, window=(3, 3), shift=(1, 1), table=True, pad=True)
+    qkv, table, pad = make_inputs(case, torch.bfloat16)
+    assert table.dtype == torch.float32
+    out = call(case, qkv, table, pad, backend)
+    assert out.dtype == torch.bfloat16
+    assert_close_rel(out, reference_core(case, qkv, table, pad)[0], torch.bfloat16)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_gradcheck_float64(backend, seed):
     case = dict(B=1, H=5, W=6, heads=2, head_dim=16, window=(3, 4), shift=(1, 2), table=True, pad=True)

@@ -177,8 +177,9 @@ def window_attention(qkv: torch.Tensor, num_heads: int, window_size, shift_size=
                                                          always_partition)
     chosen = backends.select("window", backend, qkv, num_heads, window, shift)
     if chosen == "torch":
-        return reference.window_attention_core(qkv, relative_position_bias_table, num_heads, window, shift, scale,
-                                               qkv_bias)
+        # the reference multiplies in qkv's dtype: a float32 table (as under autocast) would not mix with half qkv
+        table = None if relative_position_bias_table is None else relative_position_bias_table.to(qkv.dtype)
+        return reference.window_attention_core(qkv, table, num_heads, window, shift, scale, qkv_bias)
     table = None if relative_position_bias_table is None else relative_position_bias_table.to(acc_dtype(qkv.dtype))
     pad = None if qkv_bias is None else qkv_bias.to(qkv.dtype)
     window, shift = list(window), list(shift)
