@@ -48,4 +48,18 @@ TORCH_LIBRARY(effvit, m) {
       " Tensor lse, int num_heads, int[2] window, int[2] shift, float scale)"
       " -> (Tensor grad_qkv, Tensor grad_bias_table, Tensor grad_pad_qkv)",
       tags);
+
+  // ---- hilo (LITv2 HiLo; its Hi-Fi half is window_attention with no shift and no table) ----
+  // Lo-Fi attention: every query attends to every pooled key, softmax((q @ k^T) * scale) @ v per head, the scale
+  // applied after the product as LITv2 does. q: [B, N, heads * D] (l_q's output); kv: [B, M, 2 * heads * D] with
+  // channels (2, heads, D) (l_kv's output on the pooled map). Rows may be strided, channels must be contiguous.
+  // Returns out [B, N, heads * D] in q's dtype and the log-sum-exp of each query's logits, lse [B, heads, N], in
+  // the accumulation dtype (float32; float64 for float64 input), for backward.
+  m.def("lofi_attention(Tensor q, Tensor kv, int num_heads, float scale) -> (Tensor out, Tensor lse)", tags);
+  // Gradients recomputed from lse (no attention matrix is kept): grad_q [B, N, heads * D] and
+  // grad_kv [B, M, 2 * heads * D], contiguous, in q's dtype.
+  m.def(
+      "lofi_attention_backward(Tensor grad_out, Tensor q, Tensor kv, Tensor out, Tensor lse, int num_heads,"
+      " float scale) -> (Tensor grad_q, Tensor grad_kv)",
+      tags);
 }

@@ -12,6 +12,7 @@
 from effvit import _extension  # first: loads effvit._C, which registers the C++ ops
 from effvit._extension import ExtensionWarning
 from effvit.backends import BackendNotSupported, explain, get_backend, set_backend, use_backend
+from effvit.ops.hilo import lofi_attention
 from effvit.ops.shift import shift, shift_group_norm
 from effvit.ops.window import window_attention
 from effvit import nn, patch, reference  # noqa: E402
@@ -24,6 +25,7 @@ __all__ = [
     "ExtensionWarning",
     "explain",
     "get_backend",
+    "lofi_attention",
     "nn",
     "patch",
     "reference",

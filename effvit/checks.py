@@ -136,3 +136,52 @@ def check_window_attention(qkv, num_heads, window_size, shift_size, bias_table, 
     elif isinstance(scale, bool) or not isinstance(scale, (int, float)):
         raise TypeError(f"scale must be a float or None (head_dim ** -0.5), got {type(scale).__name__}")
     return window, shift, float(scale)
+
+
+def check_scale(scale, head_dim: int) -> float:
+    if scale is None:
+        return head_dim ** -0.5
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(f"scale must be a float or None (head_dim ** -0.5), got {type(scale).__name__}")
+    return float(scale)
+
+
+def check_lofi_attention(q, kv, num_heads, scale) -> float:
+    """Checks Lo-Fi attention's arguments (q: [B, N, heads*D], kv: [B, M, 2*heads*D]); returns the scale."""
+    check_tensor(q, "q")
+    check_tensor(kv, "kv")
+    if q.dim() != 3:
+        raise ValueError(f"q must be 3-D (B, N, heads * head_dim), got shape {tuple(q.shape)}")
+    if kv.dim() != 3:
+        raise ValueError(f"kv must be 3-D (B, M, 2 * heads * head_dim), the l_kv Linear's output on the pooled "
+                         f"tokens, got shape {tuple(kv.shape)}")
+    check_float(q, "q")
+    if kv.dtype != q.dtype:
+        raise TypeError(f"kv must have q's dtype {q.dtype}, got {kv.dtype}")
+    check_same_device({"q": q, "kv": kv})
+    num_heads = check_int(num_heads, "num_heads")
+    if num_heads < 1 or q.shape[2] % num_heads or q.shape[2] == 0:
+        raise ValueError(f"q's last dimension ({q.shape[2]}) must be num_heads * head_dim with num_heads = "
+                         f"{num_heads} >= 1")
+    if kv.shape[0] != q.shape[0]:
+        raise ValueError(f"kv's batch ({kv.shape[0]}) must equal q's ({q.shape[0]})")
+    if kv.shape[2] != 2 * q.shape[2]:
+        raise ValueError(f"kv's last dimension ({kv.shape[2]}) must be twice q's ({q.shape[2]}): keys then values")
+    if kv.shape[1] == 0 and q.numel() > 0:
+        raise ValueError("kv must hold at least one token")
+    return check_scale(scale, q.shape[2] // num_heads)
+
+
+def check_hilo_input(x, H, W, dim: int) -> tuple[int, int]:
+    """HiLo's forward(x [B, N, C], H, W): N must be H * W and C the module's dim."""
+    check_tensor(x, "x")
+    H, W = check_int(H, "H"), check_int(W, "W")
+    if x.dim() != 3:
+        raise ValueError(f"x must be 3-D (B, N, C) tokens of an H x W map, got shape {tuple(x.shape)}")
+    check_float(x, "x")
+    if H < 1 or W < 1 or x.shape[1] != H * W:
+        raise ValueError(f"x has N = {x.shape[1]} tokens but H * W = {H} * {W} = {H * W}; pass the map's "
+                         "height and width")
+    if x.shape[2] != dim:
+        raise ValueError(f"x has {x.shape[2]} channels but the module's dim is {dim}")
+    return H, W

@@ -1,0 +1,190 @@
+// Building blocks of the CPU attention kernels (window and Lo-Fi attention): 64-byte vectors, a register-blocked
+// GEMM micro-kernel, a vectorised exp and the row operations of a softmax over zero-padded buffers.
+//
+// Everything here is EFFVIT_ALWAYS_INLINE and in an unnamed namespace, so it is compiled inside each per-ISA
+// variant of the kernel bodies that use it (cpu_isa.h) and never shared across translation units.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#include "cpu_isa.h"
+
+// The vector helpers return 64-byte vectors by value; they are always inlined into the per-ISA variants,
+// so no call ever crosses the ABI difference GCC warns about.
+#pragma GCC diagnostic ignored "-Wpsabi"
+
+namespace effvit {
+namespace {
+
+constexpr int kPad = 32;                 // buffer padding of both dimensions: two float vectors
+constexpr int kRows = 4;                 // rows per micro-kernel block
+constexpr float kMaskedColumn = -1e30f;  // logit of a padded key column
+
+inline int round_up(int v, int m) { return (v + m - 1) / m * m; }
+
+// One 64-byte vector of the accumulation type (one AVX-512 register; two AVX2 or four SSE ones).
+template <typename acc_t>
+struct Vec;
+template <>
+struct Vec<float> {
+  typedef float type __attribute__((vector_size(64)));
+  static constexpr int lanes = 16;
+};
+template <>
+struct Vec<double> {
+  typedef double type __attribute__((vector_size(64)));
+  static constexpr int lanes = 8;
+};
+
+template <typename V, typename T>
+EFFVIT_ALWAYS_INLINE V vload(const T* p) {
+  V v;
+  std::memcpy(&v, p, sizeof(V));
+  return v;
+}
+
+template <typename V, typename T>
+EFFVIT_ALWAYS_INLINE void vstore(T* p, const V& v) {
+  std::memcpy(p, &v, sizeof(V));
+}
+
+// C[M x Ncols] = A[M x K] @ B[K x Ncols]; M a multiple of kRows, Ncols of two vectors. A block of four
+// rows by two vectors of C (eight accumulators: enough independent FMAs to cover their latency) stays in
+// registers while the K loop streams two vectors of B and broadcasts four values of A per step.
+// With `init`, C = init + A @ B (init laid out like C): the logits start from the bias. With kTransA, A is
+// stored transposed ([K x M], row-major), which spares transposing P and dS in the backward.
+template <bool kTransA = false, typename acc_t>
+EFFVIT_ALWAYS_INLINE void gemm_nn(const acc_t* __restrict__ A, int lda, const acc_t* __restrict__ B, int ldb,
+                                  acc_t* __restrict__ C, int ldc, int M, int K, int Ncols,
+                                  const acc_t* __restrict__ init = nullptr) {
+  using V = typename Vec<acc_t>::type;
+  constexpr int L = Vec<acc_t>::lanes;
+  for (int i = 0; i < M; i += kRows) {
+    const acc_t* a0 = A + i * lda;
+    for (int jb = 0; jb < Ncols; jb += 2 * L) {
+      V c00 = {}, c10 = {}, c20 = {}, c30 = {}, c01 = {}, c11 = {}, c21 = {}, c31 = {};
+      if (init != nullptr) {
+        const acc_t* c0 = init + i * ldc + jb;
+        c00 = vload<V>(c0), c01 = vload<V>(c0 + L);
+        c10 = vload<V>(c0 + ldc), c11 = vload<V>(c0 + ldc + L);
+        c20 = vload<V>(c0 + 2 * ldc), c21 = vload<V>(c0 + 2 * ldc + L);
+        c30 = vload<V>(c0 + 3 * ldc), c31 = vload<V>(c0 + 3 * ldc + L);
+      }
+      for (int k = 0; k < K; ++k) {
+        const V b0 = vload<V>(B + k * ldb + jb), b1 = vload<V>(B + k * ldb + jb + L);
+        const acc_t* a = kTransA ? A + k * lda + i : a0 + k;
+        const int step = kTransA ? 1 : lda;
+        const acc_t x0 = a[0], x1 = a[step], x2 = a[2 * step], x3 = a[3 * step];
+        c00 += x0 * b0;
+        c01 += x0 * b1;
+        c10 += x1 * b0;
+        c11 += x1 * b1;
+        c20 += x2 * b0;
+        c21 += x2 * b1;
+        c30 += x3 * b0;
+        c31 += x3 * b1;
+      }
+      acc_t* c = C + i * ldc + jb;
+      vstore(c, c00);
+      vstore(c + L, c01);
+      vstore(c + ldc, c10);
+      vstore(c + ldc + L, c11);
+      vstore(c + 2 * ldc, c20);
+      vstore(c + 2 * ldc + L, c21);
+      vstore(c + 3 * ldc, c30);
+      vstore(c + 3 * ldc + L, c31);
+    }
+  }
+}
+
+// exp on a vector of floats (Cephes' expf: 2^n * p(r), |r| <= ln2 / 2, ~1 ulp); exact 0 below -87.3,
+// where float underflows anyway.
+EFFVIT_ALWAYS_INLINE void vexp(Vec<float>::type* inout) {
+  using V = Vec<float>::type;
+  using I = int32_t __attribute__((vector_size(64)));
+  V x = *inout;
+  const auto underflow = x < -87.3f;  // lanes whose exp is below float's range
+  x = underflow ? V{} - 87.3f : x;
+  x = x > 88.7f ? V{} + 88.7f : x;
+  const float round_magic = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
+  const V n = (x * 1.44269504088896341f + round_magic) - round_magic;
+  const V r = x - n * 0.693359375f + n * 2.12194440e-4f;
+  V p = V{} + 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const I bits = (__builtin_convertvector(n, I) + 127) << 23;
+  V scale;
+  std::memcpy(&scale, &bits, sizeof(V));
+  *inout = underflow ? V{} : p * scale;
+}
+
+// float64 is for tests and gradcheck: plain std::exp.
+EFFVIT_ALWAYS_INLINE void vexp(Vec<double>::type* inout) {
+  for (int l = 0; l < Vec<double>::lanes; ++l) (*inout)[l] = std::exp((*inout)[l]);
+}
+
+// dst[d] = src[d] * mul (restrict: lets the compiler vectorise the conversion and keep mul in a register).
+template <typename scalar_t, typename acc_t>
+EFFVIT_ALWAYS_INLINE void load_row(const scalar_t* __restrict__ src, acc_t* __restrict__ dst, int D, acc_t mul) {
+  for (int d = 0; d < D; ++d) dst[d] = static_cast<acc_t>(src[d]) * mul;
+}
+
+template <typename scalar_t, typename acc_t>
+EFFVIT_ALWAYS_INLINE void store_row(const acc_t* __restrict__ src, scalar_t* __restrict__ dst, int D, acc_t mul) {
+  for (int d = 0; d < D; ++d) dst[d] = static_cast<scalar_t>(src[d] * mul);
+}
+
+// sum over d < Dp of a[d] * b[d], both zero-padded to Dp (a multiple of the vector width): vector partial sums,
+// since a scalar float sum is one long dependency chain the compiler may not reorder.
+template <typename acc_t>
+EFFVIT_ALWAYS_INLINE acc_t dot_padded(const acc_t* a, const acc_t* b, int Dp) {
+  using V = typename Vec<acc_t>::type;
+  constexpr int L = Vec<acc_t>::lanes;
+  V sum = {};
+  for (int d = 0; d < Dp; d += L) sum += vload<V>(a + d) * vload<V>(b + d);
+  acc_t total = 0;
+  for (int l = 0; l < L; ++l) total += sum[l];
+  return total;
+}
+
+// max over a padded row (padded columns hold -1e30, so they never win).
+template <typename acc_t>
+EFFVIT_ALWAYS_INLINE acc_t row_max(const acc_t* row, int Np) {
+  using V = typename Vec<acc_t>::type;
+  constexpr int L = Vec<acc_t>::lanes;
+  V m = vload<V>(row);
+  for (int j = L; j < Np; j += L) {
+    const V x = vload<V>(row + j);
+    m = x > m ? x : m;
+  }
+  acc_t out = m[0];
+  for (int l = 1; l < L; ++l) out = std::max(out, m[l]);
+  return out;
+}
+
+// row[j] becomes exp(row[j] - shift) in place over a padded row; returns the row's sum.
+template <typename acc_t>
+EFFVIT_ALWAYS_INLINE acc_t exp_row(acc_t* row, int Np, acc_t shift) {
+  using V = typename Vec<acc_t>::type;
+  constexpr int L = Vec<acc_t>::lanes;
+  V sum = {};
+  for (int j = 0; j < Np; j += L) {
+    V e = vload<V>(row + j) - shift;
+    vexp(&e);
+    vstore(row + j, e);
+    sum += e;
+  }
+  acc_t total = 0;
+  for (int l = 0; l < L; ++l) total += sum[l];
+  return total;
+}
+
+}  // namespace
+}  // namespace effvit
