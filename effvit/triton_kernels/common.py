@@ -1,9 +1,31 @@
-"""Triton helpers the families' kernels share."""
+"""Triton helpers the families' kernels and launchers share (window.py, hilo.py, shift.py).
+
+Kernels: ``to_acc`` (loaded values to the accumulation type), ``matmul`` (a @ b as the attention kernels
+multiply: tl.dot, or a broadcast-multiply-sum for float64 when FP64_TL_DOT is False, bf16 emulated under the
+interpreter), ``acc_scale`` (the softmax scale back from its fp32 hi + lo split) and NEG_FILL (the finite
+logit of masked keys). Launchers: ``acc_dtypes``, ``on_device``, ``dot_config`` (the DOT / PREC / EMULATE /
+FMA constexprs that ``matmul`` takes) and ``split_scale``.
+
+FP64_TL_DOT is the one switch for every family's float64 matmuls: set ``common.FP64_TL_DOT = False`` (read
+by ``dot_config`` at each launch) should a GPU's tl.dot reject float64.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import struct
+
+import torch
 import triton
 import triton.language as tl
+
+# (tl.constexpr: compiled kernels may only read globals that are)
+NEG_FILL = tl.constexpr(-1.0e30)   # logit of masked key lanes: exp() underflows to 0, and it is finite, so a
+                                   # max or difference of such values is never NaN (-inf - -inf is)
+FP64_TL_DOT = True    # float64 matmuls by tl.dot; False: broadcast-multiply-sum fallback
+
+_TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32,
+              torch.float64: tl.float64}
 
 
 @triton.jit
@@ -12,3 +34,48 @@ def to_acc(v, ACC: tl.constexpr):
     if v.dtype == tl.bfloat16:
         v = v.to(tl.float32)
     return v.to(ACC)
+
+
+@triton.jit
+def matmul(a, b, PREC: tl.constexpr, EMULATE: tl.constexpr, FMA: tl.constexpr):
+    """a @ b with a and b in the dot dtype; the result in float32 (float64 for float64 operands)."""
+    if EMULATE:  # bf16 under the interpreter: bf16-rounded operands, fp32 products and sums
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    if FMA:
+        return tl.sum(a[:, :, None] * b[None, :, :], axis=1)
+    else:
+        return tl.dot(a, b, input_precision=PREC)
+
+
+@triton.jit
+def acc_scale(scale_hi, scale_lo, ACC: tl.constexpr):
+    # Python floats reach a kernel as fp32; float64 gets the scale back from a hi + lo split.
+    if ACC == tl.float64:
+        return tl.cast(scale_hi, tl.float64) + tl.cast(scale_lo, tl.float64)
+    else:
+        return scale_hi
+
+
+def acc_dtypes(dtype: torch.dtype):
+    """(triton, torch) accumulation dtypes: float64 for float64, else float32."""
+    return (tl.float64, torch.float64) if dtype == torch.float64 else (tl.float32, torch.float32)
+
+
+def on_device(t: torch.Tensor):
+    """Triton launches on the current CUDA device: make it the tensor's."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+def dot_config(dtype: torch.dtype, is_cuda: bool) -> dict:
+    """The constexprs of ``matmul`` (and DOT, the dtype its operands are cast to) for inputs of dtype."""
+    return dict(DOT=_TL_DTYPES[dtype],
+                PREC="ieee" if dtype in (torch.float32, torch.float64) else "tf32",  # tf32 is ignored for 16-bit
+                EMULATE=dtype == torch.bfloat16 and not is_cuda,
+                FMA=dtype == torch.float64 and not FP64_TL_DOT)
+
+
+def split_scale(scale: float) -> tuple[float, float]:
+    """(hi, lo): hi the fp32 rounding of scale, lo the rest (see acc_scale)."""
+    hi = struct.unpack("f", struct.pack("f", scale))[0]
+    return hi, scale - hi

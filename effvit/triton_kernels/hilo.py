@@ -22,11 +22,12 @@ keys) walking query chunks. Every output element is written by exactly one progr
 are deterministic. Programs are numbered with the chunk index fastest, so the programs of one (b, head)
 run together and share its k / v (or q / dO) in L2.
 
-Matmuls go through window.py's ``_mm``: tl.dot in the input dtype with fp32 accumulation for fp16/bf16
-(P and dS cast to the input dtype first, as flash-attention does), input_precision="ieee" for fp32 (TF32
-would miss 1e-4) and float64 (window.FP64_TL_DOT = False selects a broadcast-multiply-sum instead, should
-a GPU's tl.dot reject float64). They run on CUDA tensors, and on CPU tensors under TRITON_INTERPRET=1
-(there bf16 matmuls are done in fp32 on bf16-rounded operands, the interpreter having no bf16 dot).
+Matmuls go through common.py's ``matmul``, as window.py's do: tl.dot in the input dtype with fp32
+accumulation for fp16/bf16 (P and dS cast to the input dtype first, as flash-attention does),
+input_precision="ieee" for fp32 (TF32 would miss 1e-4) and float64 (common.FP64_TL_DOT = False selects a
+broadcast-multiply-sum instead, should a GPU's tl.dot reject float64). They run on CUDA tensors, and on CPU
+tensors under TRITON_INTERPRET=1 (there bf16 matmuls are done in fp32 on bf16-rounded operands, the
+interpreter having no bf16 dot).
 
 Indexing: each program's base offsets (batch, and (b, head) rows of lse / delta) are 64-bit; offsets
 within one sample (token * row stride + channel) are 32-bit, so one sample of q / kv / out must span
@@ -41,9 +42,8 @@ import torch
 import triton
 import triton.language as tl
 
-from effvit.triton_kernels.common import to_acc
-from effvit.triton_kernels.window import (NEG_FILL, _acc, _dot_config, _mm, _on_device, _scale,
-                                          _split_scale)
+from effvit.triton_kernels.common import (NEG_FILL, acc_dtypes, acc_scale, dot_config, matmul,
+                                          on_device, split_scale, to_acc)
 
 # lse read for queries past N: exp(S - LSE_FILL) underflows to 0, so those rows of P (and dS) vanish
 # without a where; finite, so no inf - inf
@@ -63,7 +63,7 @@ def _lofi_fwd_kernel(q_ptr, kv_ptr, out_ptr, lse_ptr,
     b = bh // heads
     h = bh - b * heads
     C = heads * HEAD_DIM
-    scale = _scale(scale_hi, scale_lo, ACC)
+    scale = acc_scale(scale_hi, scale_lo, ACC)
     d = tl.arange(0, BLOCK_D)
     dm = d < HEAD_DIM
     rm = blk * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -85,14 +85,14 @@ def _lofi_fwd_kernel(q_ptr, kv_ptr, out_ptr, lse_ptr,
         kvm = nm[:, None] & dm[None, :]
         k = tl.load(k_ptr + rn[:, None] * kv_sn + d[None, :], mask=kvm, other=0.0)
         v = tl.load(v_ptr + rn[:, None] * kv_sn + d[None, :], mask=kvm, other=0.0)
-        s = _mm(q, tl.trans(k), PREC, EMULATE, FMA).to(ACC) * scale
+        s = matmul(q, tl.trans(k), PREC, EMULATE, FMA).to(ACC) * scale
         s = tl.where(nm[None, :], s, NEG_FILL)
         mx_new = tl.maximum(mx, tl.max(s, axis=1))
         alpha = tl.exp(mx - mx_new)
         p = tl.exp(s - mx_new[:, None])
         l = l * alpha + tl.sum(p, axis=1)
         # P in the input dtype for P @ V (as flash-attention does): unnormalized, in [0, 1]
-        acc = acc * alpha[:, None] + _mm(p.to(DOT), v, PREC, EMULATE, FMA).to(ACC)
+        acc = acc * alpha[:, None] + matmul(p.to(DOT), v, PREC, EMULATE, FMA).to(ACC)
         mx = mx_new
 
     o = acc / l[:, None]
@@ -117,7 +117,7 @@ def _lofi_bwd_dq_kernel(do_ptr, q_ptr, kv_ptr, out_ptr, lse_ptr, delta_ptr, dq_p
     b = bh // heads
     h = bh - b * heads
     C = heads * HEAD_DIM
-    scale = _scale(scale_hi, scale_lo, ACC)
+    scale = acc_scale(scale_hi, scale_lo, ACC)
     d = tl.arange(0, BLOCK_D)
     dm = d < HEAD_DIM
     rm = blk * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -143,12 +143,12 @@ def _lofi_bwd_dq_kernel(do_ptr, q_ptr, kv_ptr, out_ptr, lse_ptr, delta_ptr, dq_p
         kvm = nm[:, None] & dm[None, :]
         k = tl.load(k_ptr + rn[:, None] * kv_sn + d[None, :], mask=kvm, other=0.0)
         v = tl.load(v_ptr + rn[:, None] * kv_sn + d[None, :], mask=kvm, other=0.0)
-        s = _mm(q, tl.trans(k), PREC, EMULATE, FMA).to(ACC) * scale
+        s = matmul(q, tl.trans(k), PREC, EMULATE, FMA).to(ACC) * scale
         # keys past M: P = exp(NEG_FILL - lse) = 0 (their v is 0, so dP is too: dS = 0)
         p = tl.exp(tl.where(nm[None, :], s, NEG_FILL) - lse[:, None])
-        dp = _mm(do, tl.trans(v), PREC, EMULATE, FMA).to(ACC)
+        dp = matmul(do, tl.trans(v), PREC, EMULATE, FMA).to(ACC)
         ds = p * (dp - delta[:, None])
-        dq += _mm(ds.to(DOT), k, PREC, EMULATE, FMA).to(ACC)
+        dq += matmul(ds.to(DOT), k, PREC, EMULATE, FMA).to(ACC)
     dq = dq * scale
     tl.store(dq_ptr + o_off, dq.to(dq_ptr.dtype.element_ty), mask=qm)
 
@@ -168,7 +168,7 @@ def _lofi_bwd_dkdv_kernel(do_ptr, q_ptr, kv_ptr, lse_ptr, delta_ptr, dkv_ptr,
     b = bh // heads
     h = bh - b * heads
     C = heads * HEAD_DIM
-    scale = _scale(scale_hi, scale_lo, ACC)
+    scale = acc_scale(scale_hi, scale_lo, ACC)
     d = tl.arange(0, BLOCK_D)
     dm = d < HEAD_DIM
     rn = blk * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -195,14 +195,14 @@ def _lofi_bwd_dkdv_kernel(do_ptr, q_ptr, kv_ptr, lse_ptr, delta_ptr, dkv_ptr,
         # queries past N: lse = LSE_FILL zeroes their columns of P^T (and their dO is 0)
         lse = tl.load(lse_ptr + rm, mask=mm, other=LSE_FILL)
         delta = tl.load(delta_ptr + rm, mask=mm, other=0.0)
-        st = _mm(k, tl.trans(q), PREC, EMULATE, FMA).to(ACC) * scale
+        st = matmul(k, tl.trans(q), PREC, EMULATE, FMA).to(ACC) * scale
         # keys past M (k = 0, S = 0) would get P = exp(-lse), inf where lse < -88: only in their own
         # unstored rows of dV / dK, but NEG_FILL keeps every value finite
         pt = tl.exp(tl.where(nm[:, None], st, NEG_FILL) - lse[None, :])
-        dv += _mm(pt.to(DOT), do, PREC, EMULATE, FMA).to(ACC)
-        dpt = _mm(v, tl.trans(do), PREC, EMULATE, FMA).to(ACC)
+        dv += matmul(pt.to(DOT), do, PREC, EMULATE, FMA).to(ACC)
+        dpt = matmul(v, tl.trans(do), PREC, EMULATE, FMA).to(ACC)
         dst = pt * (dpt - delta[None, :])
-        dk += _mm(dst.to(DOT), q, PREC, EMULATE, FMA).to(ACC)
+        dk += matmul(dst.to(DOT), q, PREC, EMULATE, FMA).to(ACC)
     dk = dk * scale
 
     gdt = dkv_ptr.dtype.element_ty
@@ -250,7 +250,7 @@ def _channels_contiguous(t: torch.Tensor) -> torch.Tensor:
 
 def lofi_attention(q: torch.Tensor, kv: torch.Tensor, num_heads: int, scale: float):
     """Returns (out [B, N, C], lse [B, heads, N]) of Lo-Fi attention (see the module docstring)."""
-    with _on_device(q):
+    with on_device(q):
         return _lofi_attention(q, kv, num_heads, scale)
 
 
@@ -258,24 +258,24 @@ def _lofi_attention(q, kv, num_heads, scale):
     B, N, C = q.shape
     M = kv.shape[1]
     head_dim = C // num_heads
-    acc_tl, acc_torch = _acc(q.dtype)
+    acc_tl, acc_torch = acc_dtypes(q.dtype)
     out = torch.empty((B, N, C), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, num_heads, N), dtype=acc_torch, device=q.device)
     if out.numel() == 0:
         return out, lse
     q, kv = _channels_contiguous(q), _channels_contiguous(kv)
     tiles, _, _ = _tiles(N, M, head_dim, q.dtype)
-    hi, lo = _split_scale(scale)
+    hi, lo = split_scale(scale)
     _lofi_fwd_kernel[(B * num_heads * triton.cdiv(N, tiles["BLOCK_M"]),)](
         q, kv, out, lse, N, M, num_heads, q.stride(0), q.stride(1), kv.stride(0), kv.stride(1), hi, lo,
-        HEAD_DIM=head_dim, **tiles, **_dot_config(q.dtype, q.is_cuda), ACC=acc_tl)
+        HEAD_DIM=head_dim, **tiles, **dot_config(q.dtype, q.is_cuda), ACC=acc_tl)
     return out, lse
 
 
 def lofi_attention_backward(grad_out: torch.Tensor, q: torch.Tensor, kv: torch.Tensor, out: torch.Tensor,
                             lse: torch.Tensor, num_heads: int, scale: float):
     """Returns (grad_q [B, N, C], grad_kv [B, M, 2C]) of Lo-Fi attention, P recomputed from lse."""
-    with _on_device(q):
+    with on_device(q):
         return _lofi_attention_backward(grad_out, q, kv, out, lse, num_heads, scale)
 
 
@@ -283,7 +283,7 @@ def _lofi_attention_backward(grad_out, q, kv, out, lse, num_heads, scale):
     B, N, C = q.shape
     M = kv.shape[1]
     head_dim = C // num_heads
-    acc_tl, acc_torch = _acc(q.dtype)
+    acc_tl, acc_torch = acc_dtypes(q.dtype)
     grad_q = torch.empty((B, N, C), dtype=q.dtype, device=q.device)
     if grad_q.numel() == 0:
         # no queries: k and v received no gradient (zeros, not left unwritten, when N = 0 < M)
@@ -295,9 +295,9 @@ def _lofi_attention_backward(grad_out, q, kv, out, lse, num_heads, scale):
     out = out.to(q.dtype).contiguous()
     lse = lse.to(acc_torch).contiguous()
     _, dq_tiles, dkdv_tiles = _tiles(N, M, head_dim, q.dtype)
-    hi, lo = _split_scale(scale)
+    hi, lo = split_scale(scale)
     common = (N, M, num_heads, q.stride(0), q.stride(1), kv.stride(0), kv.stride(1), hi, lo)
-    consts = dict(HEAD_DIM=head_dim, **_dot_config(q.dtype, q.is_cuda), ACC=acc_tl)
+    consts = dict(HEAD_DIM=head_dim, **dot_config(q.dtype, q.is_cuda), ACC=acc_tl)
     # the dq kernel writes delta, which the dk / dv kernel reads (same stream: in order)
     _lofi_bwd_dq_kernel[(B * num_heads * triton.cdiv(N, dq_tiles["BLOCK_M"]),)](
         grad_out, q, kv, out, lse, delta, grad_q, *common, **dq_tiles, **consts)

@@ -12,13 +12,11 @@ effvit/ops/shift.py.
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import triton
 import triton.language as tl
 
-from effvit.triton_kernels.common import to_acc
+from effvit.triton_kernels.common import acc_dtypes, on_device, to_acc
 
 BLOCK = 1024
 
@@ -156,15 +154,6 @@ def _channel_inner(out_bchw: torch.Tensor) -> bool:
     return out_bchw.shape[1] > 1 and out_bchw.stride(1) < out_bchw.stride(3)
 
 
-def _acc(dtype: torch.dtype):
-    return (tl.float64, torch.float64) if dtype == torch.float64 else (tl.float32, torch.float32)
-
-
-def _on_device(t: torch.Tensor):
-    """Triton launches on the current CUDA device: make it the tensor's."""
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
-
-
 def _grid(t_bchw: torch.Tensor) -> tuple[int, int]:
     B = t_bchw.shape[0]
     return triton.cdiv(t_bchw.numel() // B, BLOCK), B
@@ -177,7 +166,7 @@ def shift(x: torch.Tensor, n_div: int, nhwc: bool = False, reverse: bool = False
         return out
     xv, ov = _bchw(x, nhwc), _bchw(out, nhwc)
     B, C, H, W = xv.shape
-    with _on_device(x):
+    with on_device(x):
         _shift_kernel[_grid(xv)](xv, ov, ov, C, H, W, C // n_div, xv.numel() // B, *xv.stride(), *ov.stride(),
                                  CHANNEL_INNER=_channel_inner(ov), REVERSE=reverse, STATS_ONLY=False, BLOCK=BLOCK)
     return out
@@ -186,7 +175,7 @@ def shift(x: torch.Tensor, n_div: int, nhwc: bool = False, reverse: bool = False
 def shift_group_norm(x: torch.Tensor, n_div: int, weight: torch.Tensor, bias: torch.Tensor, eps: float,
                      nhwc: bool = False):
     """Returns (shifted, normalized, mean [B], rstd [B]) as effvit::shift_group_norm."""
-    with _on_device(x):
+    with on_device(x):
         return _shift_group_norm(x, n_div, weight, bias, eps, nhwc)
 
 
@@ -194,7 +183,7 @@ def _shift_group_norm(x, n_div, weight, bias, eps, nhwc):
     shifted, normalized = torch.empty_like(x), torch.empty_like(x)
     xv, sv, yv = _bchw(x, nhwc), _bchw(shifted, nhwc), _bchw(normalized, nhwc)
     B, C, H, W = xv.shape
-    acc_tl, acc_torch = _acc(x.dtype)
+    acc_tl, acc_torch = acc_dtypes(x.dtype)
     stats_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     if B == 0:
         empty = x.new_empty((0,), dtype=stats_dtype)
@@ -216,7 +205,7 @@ def shift_group_norm_backward(grad_shifted: torch.Tensor | None, grad_normalized
                               shifted: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
                               n_div: int, nhwc: bool = False):
     """Returns (grad_x, grad_weight, grad_bias) as effvit::shift_group_norm_backward."""
-    with _on_device(shifted):
+    with on_device(shifted):
         return _shift_group_norm_backward(grad_shifted, grad_normalized, shifted, weight, mean, rstd, n_div,
                                           nhwc)
 
@@ -229,7 +218,7 @@ def _shift_group_norm_backward(grad_shifted, grad_normalized, shifted, weight, m
         return grad_x.zero_(), weight.new_zeros((C,)), weight.new_zeros((C,))
     gyv, dxv = _bchw(grad_normalized, nhwc), _bchw(grad_x, nhwc)
     gsv = _bchw(grad_shifted, nhwc) if grad_shifted is not None else None
-    acc_tl, acc_torch = _acc(shifted.dtype)
+    acc_tl, acc_torch = acc_dtypes(shifted.dtype)
     sums = torch.empty((B, C, 2), dtype=torch.float64, device=shifted.device)
     _channel_sums_kernel[(C, B)](gyv, sv, sums, C, H, W, *gyv.stride(), *sv.stride(), BLOCK=256)
     p, qr, grad_weight, grad_bias = _backward_coeffs(sums[..., 0], sums[..., 1], weight.to(torch.float64),

@@ -25,9 +25,10 @@ within a program every (i, j) is its own address, and windows spread over up to 
 sums and a tiny index_add_ folds into table rows; the padding tokens' dk / dv sum atomically into
 grad_pad_qkv.
 
-Matmuls: tl.dot in the input dtype with fp32 accumulation for fp16/bf16 (P and dS cast to the input
-dtype first, as flash-attention does), input_precision="ieee" for fp32 (TF32 would miss 1e-4) and float64
-(where FP64_TL_DOT = False selects a broadcast-multiply-sum instead, should a GPU's tl.dot reject float64).
+Matmuls go through common.py's ``matmul`` (shared with hilo.py): tl.dot in the input dtype with fp32
+accumulation for fp16/bf16 (P and dS cast to the input dtype first, as flash-attention does),
+input_precision="ieee" for fp32 (TF32 would miss 1e-4) and float64 (where common.FP64_TL_DOT = False selects
+a broadcast-multiply-sum instead, should a GPU's tl.dot reject float64).
 They run on CUDA tensors, and on CPU tensors under TRITON_INTERPRET=1 (how the tests run them without a
 GPU; there bf16 matmuls are done in fp32 on bf16-rounded operands, the interpreter having no bf16 dot).
 
@@ -36,32 +37,15 @@ The launchers take and return logical tensors; torch.library registration lives 
 
 from __future__ import annotations
 
-import contextlib
-import struct
-
 import torch
 import triton
 import triton.language as tl
 
-from effvit.triton_kernels.common import to_acc
+from effvit.triton_kernels.common import (NEG_FILL, acc_dtypes, acc_scale, dot_config, matmul,
+                                          on_device, split_scale, to_acc)
 
 # (tl.constexpr: compiled kernels may only read globals that are)
 MASK_VALUE = tl.constexpr(-100.0)  # Swin's logit offset between tokens of different shift regions
-NEG_FILL = tl.constexpr(-1.0e30)   # logit of key lanes past the window: exp() underflows to 0, and it is
-                                   # finite, so a max or difference of such values is never NaN (-inf - -inf is)
-FP64_TL_DOT = True    # float64 matmuls by tl.dot; False: broadcast-multiply-sum fallback
-
-
-@triton.jit
-def _mm(a, b, PREC: tl.constexpr, EMULATE: tl.constexpr, FMA: tl.constexpr):
-    """a @ b with a and b in the dot dtype; the result in float32 (float64 for float64 operands)."""
-    if EMULATE:  # bf16 under the interpreter: bf16-rounded operands, fp32 products and sums
-        a = a.to(tl.float32)
-        b = b.to(tl.float32)
-    if FMA:
-        return tl.sum(a[:, :, None] * b[None, :, :], axis=1)
-    else:
-        return tl.dot(a, b, input_precision=PREC)
 
 
 @triton.jit
@@ -107,7 +91,7 @@ def _logits(q, k, tm, tn, reg_m, reg_n, table_ptr, h, heads, scale,
             PREC: tl.constexpr, EMULATE: tl.constexpr, FMA: tl.constexpr, ACC: tl.constexpr):
     """S = scale * q @ k^T + bias_table[bias_row(i, j), h] + region mask; NEG_FILL past the window."""
     N: tl.constexpr = WH * WW
-    s = _mm(q, tl.trans(k), PREC, EMULATE, FMA).to(ACC) * scale
+    s = matmul(q, tl.trans(k), PREC, EMULATE, FMA).to(ACC) * scale
     if HAS_BIAS:
         row = ((tm[:, None] // WW - tn[None, :] // WW + (WH - 1)) * (2 * WW - 1)
                + (tm[:, None] % WW - tn[None, :] % WW + (WW - 1)))
@@ -116,15 +100,6 @@ def _logits(q, k, tm, tn, reg_m, reg_n, table_ptr, h, heads, scale,
     if SHIFTED:
         s = tl.where(reg_m[:, None] != reg_n[None, :], s + MASK_VALUE, s)
     return tl.where((tn < N)[None, :], s, NEG_FILL)
-
-
-@triton.jit
-def _scale(scale_hi, scale_lo, ACC: tl.constexpr):
-    # Python floats reach a kernel as fp32; float64 gets the scale back from a hi + lo split.
-    if ACC == tl.float64:
-        return tl.cast(scale_hi, tl.float64) + tl.cast(scale_lo, tl.float64)
-    else:
-        return scale_hi
 
 
 @triton.jit
@@ -146,7 +121,7 @@ def _window_fwd_kernel(qkv_ptr, table_ptr, pad_ptr, out_ptr, lse_ptr,
     C = heads * HEAD_DIM
     C3 = 3 * C
     base = b.to(tl.int64) * H * W
-    scale = _scale(scale_hi, scale_lo, ACC)
+    scale = acc_scale(scale_hi, scale_lo, ACC)
     d = tl.arange(0, BLOCK_D)
     dm = d < HEAD_DIM
 
@@ -166,7 +141,7 @@ def _window_fwd_kernel(qkv_ptr, table_ptr, pad_ptr, out_ptr, lse_ptr,
             p = tl.exp(s - mx[:, None])
             l = tl.sum(p, axis=1)
             # P in the input dtype for P @ V (as flash-attention does): unnormalized, in [0, 1]
-            acc = _mm(p.to(DOT), v, PREC, EMULATE, FMA).to(ACC)
+            acc = matmul(p.to(DOT), v, PREC, EMULATE, FMA).to(ACC)
         else:
             # online softmax over key chunks (flash-attention); the running max starts at the finite
             # NEG_FILL, and every chunk holds a key of the window, so no exp(-inf - -inf)
@@ -186,7 +161,7 @@ def _window_fwd_kernel(qkv_ptr, table_ptr, pad_ptr, out_ptr, lse_ptr,
                 alpha = tl.exp(mx - mx_new)
                 p = tl.exp(s - mx_new[:, None])
                 l = l * alpha + tl.sum(p, axis=1)
-                acc = acc * alpha[:, None] + _mm(p.to(DOT), v, PREC, EMULATE, FMA).to(ACC)
+                acc = acc * alpha[:, None] + matmul(p.to(DOT), v, PREC, EMULATE, FMA).to(ACC)
                 mx = mx_new
         o = acc / l[:, None]
         rows = base + pix_m
@@ -233,7 +208,7 @@ def _window_bwd_kernel(do_ptr, qkv_ptr, table_ptr, pad_ptr, out_ptr, lse_ptr, dq
     C = heads * HEAD_DIM
     C3 = 3 * C
     base = b.to(tl.int64) * H * W
-    scale = _scale(scale_hi, scale_lo, ACC)
+    scale = acc_scale(scale_hi, scale_lo, ACC)
     d = tl.arange(0, BLOCK_D)
     dm = d < HEAD_DIM
     gdt = dqkv_ptr.dtype.element_ty
@@ -260,16 +235,16 @@ def _window_bwd_kernel(do_ptr, qkv_ptr, table_ptr, pad_ptr, out_ptr, lse_ptr, dq
             # padded / out-of-window queries have no stored lse (0 here): zero their P rather than risk
             # exp(S - 0) overflowing into inf * 0
             p = tl.where(real_m[:, None], tl.exp(s - lse[:, None]), 0.0)
-            dv += _mm(tl.trans(p.to(DOT)), do, PREC, EMULATE, FMA).to(ACC)
-            dp = _mm(do, tl.trans(v), PREC, EMULATE, FMA).to(ACC)
+            dv += matmul(tl.trans(p.to(DOT)), do, PREC, EMULATE, FMA).to(ACC)
+            dp = matmul(do, tl.trans(v), PREC, EMULATE, FMA).to(ACC)
             ds = p * (dp - dsum[:, None])
-            dk += _mm(tl.trans(ds.to(DOT)), q, PREC, EMULATE, FMA).to(ACC)
+            dk += matmul(tl.trans(ds.to(DOT)), q, PREC, EMULATE, FMA).to(ACC)
             if HAS_BIAS:
                 # within a program every (i, j) is its own address
                 tl.atomic_add(dbias_ptr + tm[:, None] * N + tn[None, :], ds, mask=real_m[:, None] & in_n[None, :],
                               sem="relaxed")
             if KEYS_WHOLE:
-                dq = _mm(ds.to(DOT), k, PREC, EMULATE, FMA).to(ACC) * scale
+                dq = matmul(ds.to(DOT), k, PREC, EMULATE, FMA).to(ACC) * scale
                 tl.store(dqkv_ptr + rows_m[:, None] * C3 + h * HEAD_DIM + d[None, :], dq.to(gdt),
                          mask=real_m[:, None] & dm[None, :])
         dk = dk * scale
@@ -303,28 +278,15 @@ def _window_bwd_kernel(do_ptr, qkv_ptr, table_ptr, pad_ptr, out_ptr, lse_ptr, dq
                 s = _logits(q, k, tm, tn, reg_m, reg_n, table_ptr, h, heads, scale,
                             WH, WW, SHIFTED, HAS_BIAS, PREC, EMULATE, FMA, ACC)
                 p = tl.where(real_m[:, None], tl.exp(s - lse[:, None]), 0.0)
-                dp = _mm(do, tl.trans(v), PREC, EMULATE, FMA).to(ACC)
+                dp = matmul(do, tl.trans(v), PREC, EMULATE, FMA).to(ACC)
                 ds = p * (dp - dsum[:, None])
-                dq += _mm(ds.to(DOT), k, PREC, EMULATE, FMA).to(ACC)
+                dq += matmul(ds.to(DOT), k, PREC, EMULATE, FMA).to(ACC)
             dq = dq * scale
             tl.store(dqkv_ptr + rows_m[:, None] * C3 + h * HEAD_DIM + d[None, :], dq.to(gdt),
                      mask=real_m[:, None] & dm[None, :])
 
 
 # ---- launchers ----------------------------------------------------------------------------------------
-
-_TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32,
-              torch.float64: tl.float64}
-
-
-def _acc(dtype: torch.dtype):
-    return (tl.float64, torch.float64) if dtype == torch.float64 else (tl.float32, torch.float32)
-
-
-def _on_device(t: torch.Tensor):
-    """Triton launches on the current CUDA device: make it the tensor's."""
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
-
 
 def _tiles(n: int, head_dim: int, dtype: torch.dtype) -> tuple[dict, dict]:
     """Launch parameters (forward, backward). BLOCK_D holds a head; keys go in chunks of BLOCK_KN <= 64 and
@@ -353,29 +315,16 @@ def _geometry(qkv: torch.Tensor, num_heads: int, window, shift):
                 sh=int(shift[0]), sw=int(shift[1]), nwh=nwh, nww=nww, Hp=nwh * wh, Wp=nww * ww)
 
 
-def _dot_config(dtype: torch.dtype, is_cuda: bool) -> dict:
-    return dict(DOT=_TL_DTYPES[dtype],
-                PREC="ieee" if dtype in (torch.float32, torch.float64) else "tf32",  # tf32 is ignored for 16-bit
-                EMULATE=dtype == torch.bfloat16 and not is_cuda,
-                FMA=dtype == torch.float64 and not FP64_TL_DOT)
-
-
-def _split_scale(scale: float) -> tuple[float, float]:
-    """(hi, lo): hi the fp32 rounding of scale, lo the rest (see _scale)."""
-    hi = struct.unpack("f", struct.pack("f", scale))[0]
-    return hi, scale - hi
-
-
 def window_attention(qkv: torch.Tensor, bias_table: torch.Tensor | None, pad_qkv: torch.Tensor | None,
                      num_heads: int, window: list[int], shift: list[int], scale: float):
     """Returns (out [B, H, W, C], lse [B, heads, H, W]) as effvit::window_attention."""
-    with _on_device(qkv):
+    with on_device(qkv):
         return _window_attention(qkv, bias_table, pad_qkv, num_heads, window, shift, scale)
 
 
 def _window_attention(qkv, bias_table, pad_qkv, num_heads, window, shift, scale):
     g = _geometry(qkv, num_heads, window, shift)
-    acc_tl, acc_torch = _acc(qkv.dtype)
+    acc_tl, acc_torch = acc_dtypes(qkv.dtype)
     out = qkv.new_empty((g["B"], g["H"], g["W"], g["C"]))
     lse = qkv.new_empty((g["B"], num_heads, g["H"], g["W"]), dtype=acc_torch)
     if out.numel() == 0:
@@ -385,13 +334,13 @@ def _window_attention(qkv, bias_table, pad_qkv, num_heads, window, shift, scale)
     pad = pad_qkv.to(qkv.dtype).contiguous() if pad_qkv is not None else None
     tiles, _ = _tiles(g["wh"] * g["ww"], g["head_dim"], qkv.dtype)
     nw = g["nwh"] * g["nww"]
-    hi, lo = _split_scale(scale)
+    hi, lo = split_scale(scale)
     _window_fwd_kernel[(g["B"] * nw * num_heads,)](
         qkv, table if table is not None else qkv, pad if pad is not None else qkv, out, lse,
         g["H"], g["W"], g["nww"], nw, g["Hp"], g["Wp"], num_heads, hi, lo,
         WH=g["wh"], WW=g["ww"], SH=g["sh"], SW=g["sw"], HEAD_DIM=g["head_dim"],
         HAS_BIAS=table is not None, HAS_PAD=pad is not None,
-        **tiles, **_dot_config(qkv.dtype, qkv.is_cuda), ACC=acc_tl)
+        **tiles, **dot_config(qkv.dtype, qkv.is_cuda), ACC=acc_tl)
     return out, lse
 
 
@@ -399,7 +348,7 @@ def window_attention_backward(grad_out: torch.Tensor, qkv: torch.Tensor, bias_ta
                               pad_qkv: torch.Tensor | None, out: torch.Tensor, lse: torch.Tensor,
                               num_heads: int, window: list[int], shift: list[int], scale: float):
     """Returns (grad_qkv, grad_bias_table, grad_pad_qkv) as effvit::window_attention_backward."""
-    with _on_device(qkv):
+    with on_device(qkv):
         return _window_attention_backward(grad_out, qkv, bias_table, pad_qkv, out, lse, num_heads, window,
                                           shift, scale)
 
@@ -413,7 +362,7 @@ def _relative_position_index(wh: int, ww: int, device) -> torch.Tensor:
 
 def _window_attention_backward(grad_out, qkv, bias_table, pad_qkv, out, lse, num_heads, window, shift, scale):
     g = _geometry(qkv, num_heads, window, shift)
-    acc_tl, acc_torch = _acc(qkv.dtype)
+    acc_tl, acc_torch = acc_dtypes(qkv.dtype)
     n = g["wh"] * g["ww"]
     rows = (2 * g["wh"] - 1) * (2 * g["ww"] - 1)
     grad_qkv = torch.empty(qkv.shape, dtype=qkv.dtype, device=qkv.device)
@@ -431,14 +380,14 @@ def _window_attention_backward(grad_out, qkv, bias_table, pad_qkv, out, lse, num
     table = bias_table.to(acc_torch).contiguous() if has_bias else None
     pad = pad_qkv.to(qkv.dtype).contiguous() if pad_qkv is not None else None
     _, tiles = _tiles(n, g["head_dim"], qkv.dtype)
-    hi, lo = _split_scale(scale)
+    hi, lo = split_scale(scale)
     _window_bwd_kernel[(g["B"] * nw * num_heads,)](
         grad_out.to(qkv.dtype).contiguous(), qkv, table if has_bias else qkv, pad if pad is not None else qkv,
         out.to(qkv.dtype).contiguous(), lse.to(acc_torch).contiguous(), grad_qkv, dbias, grad_pad,
         g["H"], g["W"], g["nww"], nw, g["Hp"], g["Wp"], num_heads, hi, lo, stripes,
         WH=g["wh"], WW=g["ww"], SH=g["sh"], SW=g["sw"], HEAD_DIM=g["head_dim"],
         HAS_BIAS=has_bias, HAS_PAD=pad is not None,
-        **tiles, **_dot_config(qkv.dtype, qkv.is_cuda), ACC=acc_tl)
+        **tiles, **dot_config(qkv.dtype, qkv.is_cuda), ACC=acc_tl)
     if has_bias:
         # fold the per-(i, j) sums into table rows: [N * N, heads] -> [(2wh-1)(2ww-1), heads]
         grad_table = torch.zeros((rows, num_heads), dtype=acc_torch, device=qkv.device)
