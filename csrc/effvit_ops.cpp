@@ -62,4 +62,24 @@ TORCH_LIBRARY(effvit, m) {
       "lofi_attention_backward(Tensor grad_out, Tensor q, Tensor kv, Tensor out, Tensor lse, int num_heads,"
       " float scale) -> (Tensor grad_q, Tensor grad_kv)",
       tags);
+
+  // ---- linear (non-causal linear attention: EfficientViT's LiteMLA, L2ViT's LinearAttention) ----
+  // Per head, with a = phi(q * q_scale), b = phi(k * k_scale) and phi one of "identity", "relu", "elu+1":
+  //   out_i = t_h * (a_i S) / max(a_i . z + eps, denom_min),  S = sum_j b_j v_j^T,  z = sum_j b_j
+  // (t_h the optional per-head temperature, 1 without). q: [B, H, N, D], k: [B, H, N, D], v: [B, H, N, Dv] as
+  // logical shapes with any strides, so (B, N, H, D) and (B, H, D, N) memory are both read in place. S and z are
+  // accumulated in the accumulation dtype (float32; float64 for float64) and returned as the state
+  // [B, H, D, Dv + 1] (z as the last column, EfficientViT's ones column), which the backward reads.
+  // out: [B, H, N, Dv] in q's dtype, laid out in memory in q's dimension order.
+  m.def(
+      "linear_attention(Tensor q, Tensor k, Tensor v, Tensor? temperature, str feature_map, float q_scale,"
+      " float k_scale, float eps, float denom_min) -> (Tensor out, Tensor state)",
+      tags);
+  // Gradients from q, k, v and the saved state (O(N) memory): grad_q, grad_k, grad_v in the inputs' dtype and
+  // shapes (contiguous), grad_temperature [H] in the accumulation dtype ([0] without a temperature).
+  m.def(
+      "linear_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor? temperature, Tensor state,"
+      " str feature_map, float q_scale, float k_scale, float eps, float denom_min)"
+      " -> (Tensor grad_q, Tensor grad_k, Tensor grad_v, Tensor grad_temperature)",
+      tags);
 }

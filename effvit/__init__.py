@@ -13,6 +13,7 @@ from effvit import _extension  # first: loads effvit._C, which registers the C++
 from effvit._extension import ExtensionWarning
 from effvit.backends import BackendNotSupported, explain, get_backend, set_backend, use_backend
 from effvit.ops.hilo import lofi_attention
+from effvit.ops.linear import linear_attention
 from effvit.ops.shift import shift, shift_group_norm
 from effvit.ops.window import window_attention
 from effvit import nn, patch, reference  # noqa: E402
@@ -25,6 +26,7 @@ __all__ = [
     "ExtensionWarning",
     "explain",
     "get_backend",
+    "linear_attention",
     "lofi_attention",
     "nn",
     "patch",

@@ -185,3 +185,42 @@ def check_hilo_input(x, H, W, dim: int) -> tuple[int, int]:
     if x.shape[2] != dim:
         raise ValueError(f"x has {x.shape[2]} channels but the module's dim is {dim}")
     return H, W
+
+
+def _check_float_arg(value, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+    return float(value)
+
+
+def check_linear_attention(q, k, v, feature_map, temperature, q_scale, k_scale, eps, denom_min
+                           ) -> tuple[float, float, float, float]:
+    """Checks linear attention's arguments; returns (q_scale, k_scale, eps, denom_min) with -inf for no clamp."""
+    for t, name in ((q, "q"), (k, "k"), (v, "v")):
+        check_tensor(t, name)
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be 4-D (B, heads, N, head_dim), got shape {tuple(t.shape)}")
+    check_float(q, "q")
+    for t, name in ((k, "k"), (v, "v")):
+        if t.dtype != q.dtype:
+            raise TypeError(f"{name} must have q's dtype {q.dtype}, got {t.dtype}")
+    if k.shape != q.shape:
+        raise ValueError(f"k must have q's shape {tuple(q.shape)} (B, heads, N, head_dim), got {tuple(k.shape)}")
+    if v.shape[:3] != q.shape[:3]:
+        raise ValueError(f"v must have q's batch, heads and N {tuple(q.shape[:3])}, got {tuple(v.shape[:3])}")
+    if q.shape[3] == 0 or v.shape[3] == 0:
+        raise ValueError("head dimensions must be > 0")
+    if feature_map not in ("relu", "elu+1", "identity"):
+        raise ValueError(f"feature_map must be 'relu', 'elu+1' or 'identity', got {feature_map!r}")
+    if temperature is not None:
+        check_tensor(temperature, "temperature")
+        if temperature.numel() != q.shape[1]:
+            raise ValueError(f"temperature must hold one value per head ({q.shape[1]}), got shape "
+                             f"{tuple(temperature.shape)}")
+        check_float(temperature, "temperature")
+    check_same_device({"q": q, "k": k, "v": v, "temperature": temperature})
+    eps = _check_float_arg(eps, "eps")
+    if not eps >= 0:
+        raise ValueError(f"eps must be >= 0, got {eps}")
+    denom_min = float("-inf") if denom_min is None else _check_float_arg(denom_min, "denom_min")
+    return _check_float_arg(q_scale, "q_scale"), _check_float_arg(k_scale, "k_scale"), eps, denom_min

@@ -132,3 +132,23 @@ def test_window_core_tiny_run():
     for op in ops:
         for impl in ("effvit:cpu", "eager", "timm-sdpa"):
             assert (op, impl, "fwd+bwd") in ok, (op, impl, sorted(ok))
+
+
+def test_hilo_suite_lists_the_paper_table():
+    out = _bench("--list", "--family", "hilo", "--shape", "table", "--batch", "2")
+    assert out.returncode == 0, out.stderr
+    assert "hilo/table B2 H14 W14 C768 heads12 ws2 alpha0.9 float32" in out.stdout
+    for impl in ("eager", "sra", "local-window", "mhsa"):
+        assert f"run   {impl}" in out.stdout
+
+
+def test_hilo_and_linear_tiny_runs():
+    policy = effvit.bench.timing.TimingPolicy(budget_s=0.01, min_repeats=2, warmup=1)
+    for family, ops, shapes, peers in (("hilo", ["layer", "lofi"], ["14x14x384"], ("eager",)),
+                                       ("linear", ["core"], ["N196"], ("eager", "sdpa-softmax"))):
+        result = effvit.bench.run([family], ops=ops, shapes=shapes, batches=[1], peers=True, measure_peaks=False,
+                                  memory=False, backward=True, policy=policy)
+        ok = {(r["op"], r["impl"], r["direction"]) for r in result["records"] if r["status"] == "ok"}
+        for op in ops:
+            for impl in ("effvit:cpu",) + peers:
+                assert (op, impl, "fwd+bwd") in ok, (family, op, impl, sorted(ok))

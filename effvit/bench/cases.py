@@ -79,7 +79,7 @@ def shapes(family: str) -> dict[str, dict]:
 
 def _load_families() -> None:
     if not _SUITES:
-        from effvit.bench import hilo_suite, shift_suite, window_suite  # noqa: F401
+        from effvit.bench import hilo_suite, linear_suite, shift_suite, window_suite  # noqa: F401
 
 
 def kernel_impls(family: str, x: torch.Tensor, wanted: tuple[str, ...] | None, factory,

@@ -1,0 +1,180 @@
+"""Non-causal linear attention (EfficientViT's LiteMLA, L2ViT): registration, autograd and the public function.
+
+Layers, bottom up:
+  effvit::linear_attention, effvit::linear_attention_backward
+      C++ ops (schemas in csrc/effvit_ops.cpp, kernels in csrc/cpu/linear.cpp and csrc/cuda/linear.cu); their fake
+      kernels are registered here.
+  effvit::triton_linear_attention, effvit::triton_linear_attention_backward
+      the Triton kernels (effvit/triton_kernels/linear.py) behind torch.library.custom_op, same signatures.
+  LinearAttentionFunction
+      forward saves q, k, v and the state [B, H, D, Dv + 1] (O(N) memory); backward recomputes from them.
+  linear_attention()
+      checks the arguments, chooses the backend (effvit.backends, family "linear") and runs.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from effvit import _extension, backends, checks
+from effvit.ops.window import acc_dtype
+from effvit.reference import linear as reference
+
+_OPS = ("linear_attention", "linear_attention_backward")
+
+
+def empty_like_layout(q: torch.Tensor, last: int) -> torch.Tensor:
+    """An empty [B, H, N, last] tensor laid out in memory in q's dimension order (the kernels' output)."""
+    order = sorted(range(4), key=lambda d: -q.stride(d))
+    sizes = list(q.shape[:3]) + [last]
+    return q.new_empty([sizes[d] for d in order]).permute(*[order.index(d) for d in range(4)])
+
+
+# ---- fake kernels ---------------------------------------------------------------------------------------
+
+def _fake_linear_attention(q, k, v, temperature, feature_map, q_scale, k_scale, eps, denom_min):
+    B, H, N, D = q.shape
+    return empty_like_layout(q, v.shape[3]), q.new_empty((B, H, D, v.shape[3] + 1), dtype=acc_dtype(q.dtype))
+
+
+def _fake_linear_attention_backward(grad_out, q, k, v, temperature, state, feature_map, q_scale, k_scale, eps,
+                                    denom_min):
+    t_shape = (q.shape[1],) if temperature is not None else (0,)
+    return (q.new_empty(q.shape), q.new_empty(k.shape), q.new_empty(v.shape),
+            q.new_empty(t_shape, dtype=acc_dtype(q.dtype)))
+
+
+_FAKES = {"linear_attention": _fake_linear_attention, "linear_attention_backward": _fake_linear_attention_backward}
+
+if _extension.available():
+    for _name in _OPS:
+        torch.library.register_fake(f"effvit::{_name}")(_FAKES[_name])
+
+
+# ---- Triton kernels as custom ops ----------------------------------------------------------------------
+
+try:
+    from effvit.triton_kernels import linear as _triton
+except ImportError:  # Triton not installed: the backend reports it (effvit.backends)
+    _triton = None
+
+if _triton is not None:
+    @torch.library.custom_op("effvit::triton_linear_attention", mutates_args=())
+    def _triton_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, temperature: torch.Tensor | None,
+                                 feature_map: str, q_scale: float, k_scale: float, eps: float, denom_min: float
+                                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        return _triton.linear_attention(q, k, v, temperature, feature_map, q_scale, k_scale, eps, denom_min)
+
+    @torch.library.custom_op("effvit::triton_linear_attention_backward", mutates_args=())
+    def _triton_linear_attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                                          temperature: torch.Tensor | None, state: torch.Tensor, feature_map: str,
+                                          q_scale: float, k_scale: float, eps: float, denom_min: float
+                                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        return _triton.linear_attention_backward(grad_out, q, k, v, temperature, state, feature_map, q_scale, k_scale,
+                                                 eps, denom_min)
+
+    for _name in _OPS:
+        torch.library.register_fake(f"effvit::triton_{_name}")(_FAKES[_name])
+
+
+def _resolve_ops() -> dict[str, dict]:
+    table: dict[str, dict] = {}
+    if _extension.available() and hasattr(torch.ops.effvit, "linear_attention"):
+        table["cpu"] = table["cuda"] = {n: getattr(torch.ops.effvit, n).default for n in _OPS}
+    if _triton is not None:
+        table["triton"] = {n: getattr(torch.ops.effvit, f"triton_{n}").default for n in _OPS}
+    return table
+
+
+_OP_TABLE = _resolve_ops()
+
+
+def op(backend: str, name: str):
+    return _OP_TABLE[backend][name]
+
+
+# ---- what each backend supports (select() passes (head_dim, value_dim) after q) --------------------------
+
+def _int32_limit(q: torch.Tensor, head_dim: int, value_dim: int) -> str | None:
+    if q.numel() >= 2**31:
+        return f"q has {q.numel()} values; the kernels index up to 2**31 - 1"
+    return None
+
+
+def _gpu_limits(q: torch.Tensor, head_dim: int, value_dim: int) -> str | None:
+    if max(head_dim, value_dim) > 128:
+        return f"head_dim {head_dim} / value dim {value_dim}: the GPU kernels hold up to 128"
+    return _int32_limit(q, head_dim, value_dim)
+
+
+def _triton_limits(q: torch.Tensor, head_dim: int, value_dim: int) -> str | None:
+    if q.dtype == torch.float64 and max(head_dim, value_dim) > 64:
+        return "float64 with head dims above 64: the Triton backward needs more shared memory than a GPU has"
+    return _gpu_limits(q, head_dim, value_dim)
+
+
+FAMILY = backends.register_family(
+    "linear",
+    kernels=[
+        backends.KernelSpec("cpu", ops=_OPS, check=_int32_limit),
+        backends.KernelSpec("cuda", ops=_OPS, check=_gpu_limits),
+        backends.KernelSpec("triton", ops=(), check=_triton_limits),
+    ],
+    auto_order={"cpu": ("cpu",), "cuda": ("cuda", "triton")},
+)
+if _triton is None:
+    FAMILY.kernels["triton"].unavailable = "Triton is not installed (pip install triton)"
+
+
+# ---- autograd ---------------------------------------------------------------------------------------
+
+class LinearAttentionFunction(torch.autograd.Function):
+    """out = linear attention(q, k, v); saves q, k, v and the state [B, H, D, Dv + 1] (no N x N, O(N) memory)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, temperature, feature_map, q_scale, k_scale, eps, denom_min, backend):
+        out, state = op(backend, "linear_attention")(q, k, v, temperature, feature_map, q_scale, k_scale, eps,
+                                                     denom_min)
+        ctx.save_for_backward(q, k, v, temperature, state)
+        ctx.args = (feature_map, q_scale, k_scale, eps, denom_min, backend)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        q, k, v, temperature, state = ctx.saved_tensors
+        feature_map, q_scale, k_scale, eps, denom_min, backend = ctx.args
+        gq, gk, gv, gt = op(backend, "linear_attention_backward")(grad_out, q, k, v, temperature, state, feature_map,
+                                                                  q_scale, k_scale, eps, denom_min)
+        need = ctx.needs_input_grad
+        return (gq if need[0] else None, gk if need[1] else None, gv if need[2] else None,
+                gt if need[3] else None, None, None, None, None, None, None)
+
+
+# ---- public function -------------------------------------------------------------------------------
+
+def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, feature_map: str = "relu",
+                     temperature: torch.Tensor | None = None, q_scale: float = 1.0, k_scale: float = 1.0,
+                     eps: float = 0.0, denom_min: float | None = None, backend: str | None = None) -> torch.Tensor:
+    """Non-causal linear attention, fused: out_i = t * (a_i S) / max(a_i . z + eps, denom_min) per head, with
+    a = phi(q * q_scale), b = phi(k * k_scale), S = sum_j b_j v_j^T, z = sum_j b_j (in float32).
+
+    q, k: [B, H, N, D]; v: [B, H, N, Dv] — any strides: (B, N, H, D) memory (``x.view(B, N, H, D).transpose(1,
+    2)``) and EfficientViT's (B, H, D, N) memory (``x.transpose(-1, -2)``) are read in place. feature_map: "relu",
+    "elu+1" or "identity"; temperature: [H] (or [H, 1, 1]) per-head factor on S, as L2ViT's; denom_min: clamp of the
+    denominator (L2ViT: 100), None for none. EfficientViT: feature_map="relu", eps=1e-5. L2ViT: feature_map="relu",
+    temperature=t, denom_min=100. Returns [B, H, N, Dv] in q's dtype and memory order.
+    """
+    q_scale, k_scale, eps, denom_min = checks.check_linear_attention(q, k, v, feature_map, temperature, q_scale,
+                                                                     k_scale, eps, denom_min)
+    chosen = backends.select("linear", backend, q, q.shape[3], v.shape[3])
+    if chosen == "torch":
+        return reference.linear_attention(q, k, v, temperature, feature_map, q_scale, k_scale, eps,
+                                          None if math.isinf(denom_min) else denom_min)
+    t = None if temperature is None else temperature.reshape(-1).to(acc_dtype(q.dtype))
+    args = (feature_map, q_scale, k_scale, eps, denom_min)
+    if torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (q, k, v, t)):
+        return LinearAttentionFunction.apply(q, k, v, t, *args, chosen)
+    return op(chosen, "linear_attention")(q, k, v, t, *args)[0]
