@@ -65,6 +65,10 @@ log "benchmarks: hilo"
 $PY -m effvit.bench --device cuda --backward --family hilo --batch 16 --shape 14x14x384 --shape 7x7x768 \
   --shape table --out "$dest/hilo" 2>&1 | tee "$dest/bench-hilo.txt" | tail -40
 [ "${PIPESTATUS[0]}" -eq 0 ] || bench_rc=1
+log "benchmarks: linear"
+$PY -m effvit.bench --device cuda --backward --family linear --out "$dest/linear" 2>&1 | tee "$dest/bench-linear.txt" \
+  | tail -40
+[ "${PIPESTATUS[0]}" -eq 0 ] || bench_rc=1
 log "bench exit status $bench_rc after $(( $(date +%s) - start )) s"
 
 echo "results in $dest: $(ls "$dest" | tr '\n' ' ')"
