@@ -263,7 +263,8 @@ HILO_EDGE_CASES = [
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("case", HILO_EDGE_CASES, ids=lambda c: f"{c['H']}x{c['W']}ws{c['ws']}a{c['alpha']}h{c['heads']}")
+@pytest.mark.parametrize("case", HILO_EDGE_CASES,
+                         ids=lambda c: f"{c['H']}x{c['W']}ws{c['ws']}a{c['alpha']}h{c['heads']}")
 def test_hilo_edge_cases_float32(backend, case, seed, poisoned):
     """fp32 within 1e-5 relative of the official module (the issue's bar); gradients within 1e-5, or four times the
     official module's own float32 error where dim-768 Linears alone round more than that (and where a gradient

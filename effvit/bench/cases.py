@@ -110,6 +110,15 @@ def compile_peer(fn: Callable) -> tuple[Callable | None, str | None]:
     return torch.compile(fn, dynamic=False), None
 
 
+def add_compile_peer(impls: dict, skipped: dict, fn: Callable, builder: Callable) -> None:
+    """torch.compile of ``fn`` as the case's "compile" peer (timed through ``builder``), or why it is skipped."""
+    compiled, why = compile_peer(fn)
+    if compiled is None:
+        skipped["compile"] = why
+    else:
+        impls["compile"] = builder(compiled)
+
+
 def with_backward(forward: Callable[..., tuple], grads: tuple) -> Callable[..., None]:
     """A step that runs forward, then backward with fixed output gradients to the inputs that require
     them (autograd.grad: nothing accumulates in .grad across repeats)."""
@@ -137,4 +146,4 @@ def element_size(dtype: torch.dtype) -> int:
 
 
 __all__ = ["Case", "SuiteOptions", "register_suite", "suites", "shapes", "kernel_impls", "compile_peer",
-           "with_backward", "timed_step", "element_size"]
+           "add_compile_peer", "with_backward", "timed_step", "element_size"]

@@ -23,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import effvit
-from effvit.bench.cases import Case, SuiteOptions, compile_peer, element_size, kernel_impls, register_suite, \
+from effvit.bench.cases import Case, SuiteOptions, add_compile_peer, element_size, kernel_impls, register_suite, \
     timed_step
 from effvit.reference import hilo as reference
 
@@ -99,11 +99,7 @@ def _layer_case(B: int, stage: dict, dtype, opts: SuiteOptions, direction: str) 
     impls, skipped = kernel_impls("hilo", probe, opts.backends, ours, args=(C // heads, ws))
     if opts.peers:
         impls["eager"] = builder(official)
-        compiled, why = compile_peer(official)
-        if compiled is None:
-            skipped["compile"] = why
-        else:
-            impls["compile"] = builder(compiled)
+        add_compile_peer(impls, skipped, official, builder)
     params = {"B": B, "H": H, "W": W, "C": C, "heads": heads, "ws": ws, "alpha": alpha}
     return Case(family="hilo", op="layer", params=params, dtype=dtype, device=device, direction=direction,
                 make_inputs=make_inputs, impls=impls, skipped=skipped, bytes=float(words * es), flops=flops,
@@ -144,11 +140,7 @@ def _lofi_case(B: int, stage: dict, dtype, opts: SuiteOptions, direction: str) -
     if opts.peers:
         impls["eager"] = builder(eager)
         impls["sdpa"] = builder(sdpa)
-        compiled, why = compile_peer(eager)
-        if compiled is None:
-            skipped["compile"] = why
-        else:
-            impls["compile"] = builder(compiled)
+        add_compile_peer(impls, skipped, eager, builder)
     params = {"B": B, "N": N, "M": M, "heads": l, "head_dim": d}
     return Case(family="hilo", op="lofi", params=params, dtype=dtype, device=device, direction=direction,
                 make_inputs=make_inputs, impls=impls, skipped=skipped, bytes=float(words * es), flops=flops,

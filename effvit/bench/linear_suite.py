@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 import effvit
-from effvit.bench.cases import Case, SuiteOptions, compile_peer, element_size, kernel_impls, register_suite, \
+from effvit.bench.cases import Case, SuiteOptions, add_compile_peer, element_size, kernel_impls, register_suite, \
     timed_step
 from effvit.reference import linear as reference
 
@@ -74,11 +74,7 @@ def _core_case(B: int, stage: dict, dtype, opts: SuiteOptions, direction: str) -
         args=(D, D))
     if opts.peers:
         impls["eager"] = builder(_eager)
-        compiled, why = compile_peer(_eager)
-        if compiled is None:
-            skipped["compile"] = why
-        else:
-            impls["compile"] = builder(compiled)
+        add_compile_peer(impls, skipped, _eager, builder)
         if N <= SDPA_MAX_TOKENS.get((device, direction), 0):
             impls["sdpa-softmax"] = builder(lambda q, k, v: F.scaled_dot_product_attention(q, k, v))
         else:
@@ -118,7 +114,8 @@ def _model_case(B: int, stage: dict, dtype, opts: SuiteOptions, direction: str) 
             skipped["compile"] = "torch.compile of the whole model is left out (minutes of compilation)"
     return Case(family="linear", op="model", params={"B": B, "model": stage["model"], "img": img}, dtype=dtype,
                 device=device, direction=direction, make_inputs=make_inputs, impls=impls, skipped=skipped,
-                bytes=0.0, flops=1.6e9 * B * (3 if backward else 1), input_bytes=B * 3 * img * img * element_size(dtype))
+                bytes=0.0, flops=1.6e9 * B * (3 if backward else 1),
+                input_bytes=B * 3 * img * img * element_size(dtype))
 
 
 register_suite("linear", build, STAGES)

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 import effvit
-from effvit.bench.cases import Case, SuiteOptions, compile_peer, element_size, kernel_impls, register_suite, \
+from effvit.bench.cases import Case, SuiteOptions, add_compile_peer, element_size, kernel_impls, register_suite, \
     timed_step
 from effvit.reference import shift as reference
 
@@ -91,11 +91,7 @@ def _case(op: str, B: int, stage: dict, dtype: torch.dtype, opts: SuiteOptions, 
         if op == "shift" and not backward:
             impls["floor:clone"] = builder(lambda x: x.clone())  # the same bytes moved, no shifting
         impls["eager"] = builder(eager)
-        compiled, why = compile_peer(eager)
-        if compiled is None:
-            skipped["compile"] = why
-        else:
-            impls["compile"] = builder(compiled)
+        add_compile_peer(impls, skipped, eager, builder)
     return Case(family="shift", op=op, params={"B": B, "C": C, "H": H, "W": W, "n_div": N_DIV}, dtype=dtype,
                 device=device, direction=direction, make_inputs=make_inputs, impls=impls, skipped=skipped,
                 bytes=float(traffic), flops=flops, input_bytes=n * es)

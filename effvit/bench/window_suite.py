@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 
 import effvit
-from effvit.bench.cases import Case, SuiteOptions, compile_peer, element_size, kernel_impls, register_suite, \
-    timed_step
+from effvit.bench.cases import Case, SuiteOptions, add_compile_peer, compile_peer, element_size, kernel_impls, \
+    register_suite, timed_step
 from effvit.reference import window as reference
 
 STAGES = {
@@ -162,11 +162,7 @@ def _core_case(B: int, stage: dict, shift_in: int, dtype, opts: SuiteOptions, di
     if opts.peers:
         impls["eager"] = builder(eager)
         impls["timm-sdpa"] = builder(sdpa)
-        compiled, why = compile_peer(eager)
-        if compiled is None:
-            skipped["compile"] = why
-        else:
-            impls["compile"] = builder(compiled)
+        add_compile_peer(impls, skipped, eager, builder)
         if device == "cuda":
             impls["flex"] = lambda: timed_step(_flex_core_factory(B, stage, window, shift, scale, device), backward,
                                           (B, H, W, C), device, dtype)

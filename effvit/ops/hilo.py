@@ -17,7 +17,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from effvit import _extension, backends, checks
+from effvit import backends, checks
+from effvit.ops import registry
 from effvit.ops import window as window_ops
 from effvit.reference import hilo as reference
 
@@ -36,10 +37,6 @@ def _fake_lofi_attention_backward(grad_out, q, kv, out, lse, num_heads, scale):
 
 
 _FAKES = {"lofi_attention": _fake_lofi_attention, "lofi_attention_backward": _fake_lofi_attention_backward}
-
-if _extension.available():
-    for _name in _OPS:
-        torch.library.register_fake(f"effvit::{_name}")(_FAKES[_name])
 
 
 # ---- Triton kernels as custom ops ----------------------------------------------------------------------
@@ -61,20 +58,9 @@ if _triton is not None:
                                         ) -> tuple[torch.Tensor, torch.Tensor]:
         return _triton.lofi_attention_backward(grad_out, q, kv, out, lse, num_heads, scale)
 
-    for _name in _OPS:
-        torch.library.register_fake(f"effvit::triton_{_name}")(_FAKES[_name])
 
-
-def _resolve_ops() -> dict[str, dict]:
-    table: dict[str, dict] = {}
-    if _extension.available() and hasattr(torch.ops.effvit, "lofi_attention"):
-        table["cpu"] = table["cuda"] = {n: getattr(torch.ops.effvit, n).default for n in _OPS}
-    if _triton is not None:
-        table["triton"] = {n: getattr(torch.ops.effvit, f"triton_{n}").default for n in _OPS}
-    return table
-
-
-_OP_TABLE = _resolve_ops()
+registry.register_fakes(_OPS, _FAKES, _triton is not None)
+_OP_TABLE = registry.resolve_ops(_OPS, _triton is not None)
 
 
 def op(backend: str, name: str):

@@ -18,7 +18,8 @@ import math
 
 import torch
 
-from effvit import _extension, backends, checks
+from effvit import backends, checks
+from effvit.ops import registry
 from effvit.ops.window import acc_dtype
 from effvit.reference import linear as reference
 
@@ -48,10 +49,6 @@ def _fake_linear_attention_backward(grad_out, q, k, v, temperature, state, featu
 
 _FAKES = {"linear_attention": _fake_linear_attention, "linear_attention_backward": _fake_linear_attention_backward}
 
-if _extension.available():
-    for _name in _OPS:
-        torch.library.register_fake(f"effvit::{_name}")(_FAKES[_name])
-
 
 # ---- Triton kernels as custom ops ----------------------------------------------------------------------
 
@@ -75,20 +72,9 @@ if _triton is not None:
         return _triton.linear_attention_backward(grad_out, q, k, v, temperature, state, feature_map, q_scale, k_scale,
                                                  eps, denom_min)
 
-    for _name in _OPS:
-        torch.library.register_fake(f"effvit::triton_{_name}")(_FAKES[_name])
 
-
-def _resolve_ops() -> dict[str, dict]:
-    table: dict[str, dict] = {}
-    if _extension.available() and hasattr(torch.ops.effvit, "linear_attention"):
-        table["cpu"] = table["cuda"] = {n: getattr(torch.ops.effvit, n).default for n in _OPS}
-    if _triton is not None:
-        table["triton"] = {n: getattr(torch.ops.effvit, f"triton_{n}").default for n in _OPS}
-    return table
-
-
-_OP_TABLE = _resolve_ops()
+registry.register_fakes(_OPS, _FAKES, _triton is not None)
+_OP_TABLE = registry.resolve_ops(_OPS, _triton is not None)
 
 
 def op(backend: str, name: str):

@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import torch
 
-from effvit import _extension, backends, checks
+from effvit import backends, checks
+from effvit.ops import registry
 from effvit.reference import shift as reference
 
 _OPS = ("shift", "shift_group_norm", "shift_group_norm_backward")
@@ -44,10 +45,6 @@ def _fake_shift_group_norm_backward(grad_shifted, grad_normalized, shifted, weig
 
 _FAKES = {"shift": _fake_shift, "shift_group_norm": _fake_shift_group_norm,
           "shift_group_norm_backward": _fake_shift_group_norm_backward}
-
-if _extension.available():
-    for _name in _OPS:
-        torch.library.register_fake(f"effvit::{_name}")(_FAKES[_name])
 
 
 # ---- Triton kernels as custom ops ----------------------------------------------------------------------
@@ -77,22 +74,9 @@ if _triton is not None:
         return _triton.shift_group_norm_backward(grad_shifted, grad_normalized, shifted, weight, mean, rstd, n_div,
                                                  nhwc)
 
-    for _name in _OPS:
-        torch.library.register_fake(f"effvit::triton_{_name}")(_FAKES[_name])
 
-
-def _resolve_ops() -> dict[str, dict]:
-    """The OpOverloads of each kernel backend, looked up once (calling .default skips the packet's
-    overload resolution, a microsecond a call)."""
-    table: dict[str, dict] = {}
-    if _extension.available():
-        table["cpu"] = table["cuda"] = {n: getattr(torch.ops.effvit, n).default for n in _OPS}
-    if _triton is not None:
-        table["triton"] = {n: getattr(torch.ops.effvit, f"triton_{n}").default for n in _OPS}
-    return table
-
-
-_OP_TABLE = _resolve_ops()
+registry.register_fakes(_OPS, _FAKES, _triton is not None)
+_OP_TABLE = registry.resolve_ops(_OPS, _triton is not None)
 
 
 def op(backend: str, name: str):

@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import torch
 
-from effvit import _extension, backends, checks
+from effvit import backends, checks
+from effvit.ops import registry
 from effvit.reference import window as reference
 
 _OPS = ("window_attention", "window_attention_backward")
@@ -45,10 +46,6 @@ def _fake_window_attention_backward(grad_out, qkv, bias_table, pad_qkv, out, lse
 
 _FAKES = {"window_attention": _fake_window_attention, "window_attention_backward": _fake_window_attention_backward}
 
-if _extension.available():
-    for _name in _OPS:
-        torch.library.register_fake(f"effvit::{_name}")(_FAKES[_name])
-
 
 # ---- Triton kernels as custom ops ----------------------------------------------------------------------
 
@@ -72,20 +69,9 @@ if _triton is not None:
         return _triton.window_attention_backward(grad_out, qkv, bias_table, pad_qkv, out, lse, num_heads, window,
                                                  shift, scale)
 
-    for _name in _OPS:
-        torch.library.register_fake(f"effvit::triton_{_name}")(_FAKES[_name])
 
-
-def _resolve_ops() -> dict[str, dict]:
-    table: dict[str, dict] = {}
-    if _extension.available() and hasattr(torch.ops.effvit, "window_attention"):
-        table["cpu"] = table["cuda"] = {n: getattr(torch.ops.effvit, n).default for n in _OPS}
-    if _triton is not None:
-        table["triton"] = {n: getattr(torch.ops.effvit, f"triton_{n}").default for n in _OPS}
-    return table
-
-
-_OP_TABLE = _resolve_ops()
+registry.register_fakes(_OPS, _FAKES, _triton is not None)
+_OP_TABLE = registry.resolve_ops(_OPS, _triton is not None)
 
 
 def op(backend: str, name: str):

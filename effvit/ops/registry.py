@@ -1,0 +1,36 @@
+"""What every family's ops module does the same way: register the fake kernels of its C++ and Triton ops, and look
+up each kernel backend's registered ops once."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from effvit import _extension
+
+
+def _has_cpp_ops(ops: tuple[str, ...]) -> bool:
+    return _extension.available() and all(hasattr(torch.ops.effvit, name) for name in ops)
+
+
+def register_fakes(ops: tuple[str, ...], fakes: dict[str, Callable], triton: bool) -> None:
+    """fakes[name] as the fake kernel of effvit::<name> (when the extension has it) and of effvit::triton_<name>
+    (when the family's Triton custom ops are defined)."""
+    if _has_cpp_ops(ops):
+        for name in ops:
+            torch.library.register_fake(f"effvit::{name}")(fakes[name])
+    if triton:
+        for name in ops:
+            torch.library.register_fake(f"effvit::triton_{name}")(fakes[name])
+
+
+def resolve_ops(ops: tuple[str, ...], triton: bool) -> dict[str, dict]:
+    """The OpOverloads of each kernel backend, looked up once ("cpu" and "cuda" share the C++ op; calling .default
+    skips the packet's overload resolution, a microsecond a call)."""
+    table: dict[str, dict] = {}
+    if _has_cpp_ops(ops):
+        table["cpu"] = table["cuda"] = {name: getattr(torch.ops.effvit, name).default for name in ops}
+    if triton:
+        table["triton"] = {name: getattr(torch.ops.effvit, f"triton_{name}").default for name in ops}
+    return table
