@@ -9,7 +9,7 @@ BENCH_ARGS ?=
 PY := $(VENV)/bin/python
 MACHINE = $(shell $(PY) -c "from effvit.bench.machine import machine_name; print(machine_name('cpu'))" 2>/dev/null || echo local)
 
-.PHONY: setup build bench test test-fast bench-pytest gpu-check clean
+.PHONY: setup build bench test test-fast test-fuzz bench-pytest gpu-check clean
 
 setup: $(VENV)/.deps
 
@@ -33,6 +33,10 @@ test: build
 
 test-fast: build
 	$(PY) -m pytest -q tests -m "not slow"
+
+# fresh random cases instead of the fixed per-test seeds `make test` uses; a failure prints its seed
+test-fuzz: build
+	EFFVIT_TEST_SEED=random $(PY) -m pytest -q tests
 
 # the same cases through pytest-benchmark (bench/), for its history and comparison tools
 bench-pytest: build
