@@ -69,6 +69,13 @@ log "benchmarks: linear"
 $PY -m effvit.bench --device cuda --backward --family linear --out "$dest/linear" 2>&1 | tee "$dest/bench-linear.txt" \
   | tail -40
 [ "${PIPESTATUS[0]}" -eq 0 ] || bench_rc=1
+log "benchmarks: token_drop"
+$PY -m effvit.bench --device cuda --backward --family token_drop --shape vit_s --shape vit_b --out "$dest/token_drop_ops" \
+  2>&1 | tee "$dest/bench-token-drop-ops.txt" | tail -30
+[ "${PIPESTATUS[0]}" -eq 0 ] || bench_rc=1
+$PY -m effvit.bench --device cuda --family token_drop --batch 64 --shape vit_small_patch16_224 \
+  --shape vit_base_patch16_224 --out "$dest/token_drop_model" 2>&1 | tee "$dest/bench-token-drop-model.txt" | tail -30
+[ "${PIPESTATUS[0]}" -eq 0 ] || bench_rc=1
 log "bench exit status $bench_rc after $(( $(date +%s) - start )) s"
 
 echo "results in $dest: $(ls "$dest" | tr '\n' ' ')"

@@ -82,4 +82,35 @@ TORCH_LIBRARY(effvit, m) {
       " str feature_map, float q_scale, float k_scale, float eps, float denom_min)"
       " -> (Tensor grad_q, Tensor grad_k, Tensor grad_v, Tensor grad_temperature)",
       tags);
+
+  // ---- token_drop (EViT token dropping) ----
+  // The EViT score of every non-prefix token: the CLS row of the attention probabilities, averaged over heads,
+  //   scores[b, j - P] = mean_h softmax_j(scale * q[b, h] . k[b, h, j])   (softmax over all N keys, j >= P),
+  // without the [B, H, N, N] probabilities. q: [B, H, D] (the CLS query row, any strides); k: [B, H, N, D] (any
+  // strides). Returns scores [B, N - P] and the log-sum-exp of each head's CLS logits, lse [B, H], both in the
+  // accumulation dtype (float32; float64 for float64 input).
+  m.def(
+      "cls_attention_scores(Tensor q, Tensor k, float scale, int num_prefix) -> (Tensor scores, Tensor lse)",
+      tags);
+  // Gradients from the saved lse: grad_q [B, H, D] and grad_k [B, H, N, D], contiguous, in q's dtype.
+  m.def(
+      "cls_attention_scores_backward(Tensor grad_scores, Tensor q, Tensor k, Tensor lse, float scale,"
+      " int num_prefix) -> (Tensor grad_q, Tensor grad_k)",
+      tags);
+  // Keep the `keep` best-scored non-prefix tokens of x: [B, N, C] (any strides) by scores: [B, N - P] (any float
+  // dtype), 1 <= keep <= N - P. Returns index [B, keep] int64, the kept tokens' positions among the non-prefix
+  // tokens in descending score order (ties: lower position first) or, with spatial_order, ascending; and
+  // out [B, P + keep + fuse, C] in x's dtype, contiguous: the P prefix tokens, the kept tokens in index order and,
+  // with fuse, one token sum_{j dropped} scores[j] * x[P + j] (summed in the accumulation dtype, weights as given).
+  m.def(
+      "drop_tokens(Tensor x, Tensor scores, int keep, int num_prefix, bool fuse, bool spatial_order)"
+      " -> (Tensor out, Tensor index)",
+      tags);
+  // Gradients of drop_tokens: grad_x [B, N, C] in x's dtype (prefix and kept rows routed back, dropped rows
+  // scores[j] * grad of the fused token), grad_scores [B, N - P] in scores' dtype (x[P + j] . grad of the fused
+  // token for dropped j, 0 for kept j; all 0 without fuse). Both contiguous.
+  m.def(
+      "drop_tokens_backward(Tensor grad_out, Tensor x, Tensor scores, Tensor index, int num_prefix, bool fuse)"
+      " -> (Tensor grad_x, Tensor grad_scores)",
+      tags);
 }

@@ -224,3 +224,49 @@ def check_linear_attention(q, k, v, feature_map, temperature, q_scale, k_scale, 
         raise ValueError(f"eps must be >= 0, got {eps}")
     denom_min = float("-inf") if denom_min is None else _check_float_arg(denom_min, "denom_min")
     return _check_float_arg(q_scale, "q_scale"), _check_float_arg(k_scale, "k_scale"), eps, denom_min
+
+
+def check_cls_attention_scores(q, k, scale, num_prefix) -> tuple[float, int]:
+    """Checks the CLS-score op's arguments; returns (scale, num_prefix)."""
+    check_tensor(q, "q")
+    check_tensor(k, "k")
+    if q.dim() != 3:
+        raise ValueError(f"q must be 3-D (B, heads, head_dim): the CLS token's query row, e.g. q[:, :, 0] of a "
+                         f"[B, heads, N, head_dim] q; got shape {tuple(q.shape)}")
+    if k.dim() != 4:
+        raise ValueError(f"k must be 4-D (B, heads, N, head_dim), got shape {tuple(k.shape)}")
+    check_float(q, "q")
+    if k.dtype != q.dtype:
+        raise TypeError(f"k has dtype {k.dtype} but q has {q.dtype}; pass both in one dtype")
+    check_same_device({"q": q, "k": k})
+    if k.shape[0] != q.shape[0] or k.shape[1] != q.shape[1] or k.shape[3] != q.shape[2]:
+        raise ValueError(f"k must be [B, heads, N, head_dim] with q's B, heads and head_dim {tuple(q.shape)}, got "
+                         f"{tuple(k.shape)}")
+    num_prefix = check_int(num_prefix, "num_prefix")
+    if not 0 <= num_prefix < k.shape[2]:
+        raise ValueError(f"num_prefix (the CLS/register tokens that are not scored) must be in [0, N) = "
+                         f"[0, {k.shape[2]}), got {num_prefix}")
+    return check_scale(scale, q.shape[2]), num_prefix
+
+
+def check_drop_tokens(x, scores, keep, num_prefix) -> int:
+    """Checks drop_tokens' arguments; returns keep."""
+    check_tensor(x, "x")
+    check_tensor(scores, "scores")
+    if x.dim() != 3:
+        raise ValueError(f"x must be 3-D (B, N, C), the tokens of the residual stream, got shape {tuple(x.shape)}")
+    check_float(x, "x")
+    check_float(scores, "scores")
+    check_same_device({"x": x, "scores": scores})
+    num_prefix = check_int(num_prefix, "num_prefix")
+    B, N, _ = x.shape
+    if not 0 <= num_prefix < N:
+        raise ValueError(f"num_prefix (the CLS/register tokens, always kept) must be in [0, N) = [0, {N}), "
+                         f"got {num_prefix}")
+    if tuple(scores.shape) != (B, N - num_prefix):
+        raise ValueError(f"scores must be [B, N - num_prefix] = [{B}, {N - num_prefix}] (one per non-prefix token), "
+                         f"got {tuple(scores.shape)}")
+    keep = check_int(keep, "keep")
+    if not 1 <= keep <= N - num_prefix:
+        raise ValueError(f"keep must be in [1, N - num_prefix] = [1, {N - num_prefix}], got {keep}")
+    return keep

@@ -4,8 +4,13 @@
     effvit.patch.timm(model)      # every Swin block's attention path runs the fused op
     effvit.unpatch(model)         # back to timm's own code
 
+    vit = timm.create_model("vit_small_patch16_224", pretrained=True)
+    effvit.patch.timm(vit, keep_rate=0.7, drop_loc=(3, 6, 9))   # EViT token dropping at blocks 3, 6, 9
+
 Patched: timm's SwinTransformerBlock (its _attn: fused (shifted-)window attention) and EfficientViT (MIT)'s LiteMLA
-(its forward: the fused linear attention, read in place from the multi-scale qkv). Patching changes no parameter,
+(its forward: the fused linear attention, read in place from the multi-scale qkv), and in a timm VisionTransformer
+the Blocks at drop_loc (EViT token dropping, effvit.nn.token_drop; the model itself gains ``keep_rate`` and
+``token_drop``, the settings its dropping blocks share). Patching changes no parameter,
 buffer or state_dict key: each patched module's class is swapped for a subclass that overrides only the attention
 path (so deepcopy, pickling and state_dict all keep working), and unpatching swaps the class back.
 """
@@ -33,7 +38,31 @@ def _lite_mla_forward(self, x):
     return fused_lite_mla(self, x, backend=getattr(self, "effvit_backend", None))
 
 
-# subclass name -> (timm module, class, overridden methods, docstring, whether an instance can be patched)
+def _dropping_block_forward(self, x, attn_mask=None, is_causal=False):
+    from effvit.nn.token_drop import dropping_block_forward
+
+    return dropping_block_forward(self, x, attn_mask=attn_mask, is_causal=is_causal)
+
+
+def _get_keep_rate(self):
+    return self.token_drop.keep_rate
+
+
+def _set_keep_rate(self, value):
+    from effvit.nn.token_drop import check_keep_rate
+
+    self.token_drop.keep_rate = check_keep_rate(value)
+
+
+def _vit_forward_intermediates(self, *args, **kwargs):
+    if self.token_drop.keep_rate < 1:
+        raise NotImplementedError("forward_intermediates reshapes every block's tokens to the patch grid, which "
+                                  "token dropping shrinks: set model.keep_rate = 1 (or effvit.unpatch(model)) first")
+    return type(self).__bases__[0].forward_intermediates(self, *args, **kwargs)
+
+
+# subclass name -> (timm module, class, overridden methods, docstring, whether an instance is patched by the scan;
+# the token-drop classes are patched by _patch_token_drop, at the blocks a caller names)
 _TARGETS = {
     "FusedSwinTransformerBlock": ("timm.models.swin_transformer", "SwinTransformerBlock", {"_attn": _swin_attn},
                                   "timm's SwinTransformerBlock with effvit's fused (shifted-)window attention.",
@@ -41,6 +70,14 @@ _TARGETS = {
     "FusedLiteMLA": ("timm.models.efficientvit_mit", "LiteMLA", {"forward": _lite_mla_forward},
                      "timm's EfficientViT LiteMLA with effvit's fused linear attention.",
                      lambda m: type(m.kernel_func) is nn.ReLU),
+    "TokenDropBlock": ("timm.models.vision_transformer", "Block", {"forward": _dropping_block_forward},
+                       "timm's ViT Block with EViT token dropping after its attention (effvit.nn.token_drop).",
+                       lambda m: False),
+    "TokenDropVisionTransformer": ("timm.models.vision_transformer", "VisionTransformer",
+                                   {"keep_rate": property(_get_keep_rate, _set_keep_rate),
+                                    "forward_intermediates": _vit_forward_intermediates},
+                                   "timm's VisionTransformer whose Blocks at token_drop.drop_loc drop tokens.",
+                                   lambda m: False),
 }
 
 
@@ -69,9 +106,53 @@ def __getattr__(name: str):
     raise AttributeError(name)
 
 
-def timm(model: nn.Module, backend: str | None = None) -> nn.Module:
+def _patch_token_drop(model: nn.Module, backend, keep_rate, drop_loc, fuse_token, spatial_order, detach_scores,
+                      record_index) -> None:
+    from effvit.nn.token_drop import TokenDropSettings, check_keep_rate
+
+    keep_rate = check_keep_rate(keep_rate)
+    depth = len(model.blocks)
+    drop_loc = tuple(sorted({int(i) for i in drop_loc}))
+    if not drop_loc or any(not 0 <= i < depth for i in drop_loc):
+        raise ValueError(f"drop_loc must name blocks of the model, indices in [0, {depth}), got {drop_loc}")
+    if model.num_prefix_tokens < 1:
+        raise ValueError(f"EViT token dropping scores tokens by the CLS token's attention, and "
+                         f"{type(model).__name__} has no prefix token (class_token=False)")
+    block_base, vit_base = _base_class("TokenDropBlock"), _base_class("TokenDropVisionTransformer")
+    block_cls, vit_cls = _fused_class("TokenDropBlock"), _fused_class("TokenDropVisionTransformer")
+    attention_cls = getattr(importlib.import_module("timm.layers"), "Attention", None)
+    for i in drop_loc:
+        block = model.blocks[i]
+        if type(block) not in (block_base, block_cls) or type(block.attn) is not attention_cls:
+            raise ValueError(f"token dropping patches timm's Block with its Attention; blocks[{i}] is "
+                             f"{type(block).__name__} with {type(getattr(block, 'attn', None)).__name__}")
+    settings = TokenDropSettings(keep_rate=keep_rate, drop_loc=drop_loc, fuse_token=bool(fuse_token),
+                                 spatial_order=bool(spatial_order), detach_scores=bool(detach_scores),
+                                 record_index=bool(record_index), num_prefix=model.num_prefix_tokens, backend=backend)
+    for i, block in enumerate(model.blocks):
+        if type(block) is block_cls:  # patched before, with other settings
+            block.__class__ = block_base
+            for key in ("_effvit_token_drop", "_effvit_block_index"):
+                block.__dict__.pop(key, None)
+        if i in drop_loc:
+            block.__class__ = block_cls
+            block._effvit_token_drop = settings
+            block._effvit_block_index = i
+    if type(model) is vit_base:
+        model.__class__ = vit_cls
+    model.token_drop = settings
+
+
+def timm(model: nn.Module, backend: str | None = None, keep_rate: float = 0.7, drop_loc=(3, 6, 9),
+         fuse_token: bool = True, spatial_order: bool = False, detach_scores: bool = False,
+         record_index: bool = False) -> nn.Module:
     """Patches, in place, every timm SwinTransformerBlock (fused window attention) and EfficientViT LiteMLA (fused
-    linear attention; those with a ReLU kernel function, as timm builds them) in ``model``.
+    linear attention; those with a ReLU kernel function, as timm builds them) in ``model``; a timm
+    VisionTransformer gets EViT token dropping in its Blocks at ``drop_loc`` (block indices), each keeping
+    ceil(keep_rate * (N - P)) of its N - P non-prefix tokens (P: CLS, registers, distillation token), the dropped
+    ones fused into one token with ``fuse_token``; kept tokens in score order, or image order with
+    ``spatial_order``; ``detach_scores`` stops the gradient through the scores; ``record_index`` keeps each
+    dropping block's kept index in ``model.token_drop.kept``. ``model.keep_rate`` changes the rate later.
 
     Weights, buffers and state_dict keys are untouched; returns ``model``. ``backend`` pins a backend
     (default: effvit's current choice). Raises ValueError when the model has nothing effvit patches.
@@ -81,9 +162,14 @@ def timm(model: nn.Module, backend: str | None = None) -> nn.Module:
     except ImportError as e:
         raise ImportError("effvit.patch.timm needs timm (pip install timm)") from e
     found = 0
+    vit_base = _base_class("TokenDropVisionTransformer")
+    if vit_base is not None and type(model) in (vit_base, _fused_class("TokenDropVisionTransformer")):
+        _patch_token_drop(model, backend, keep_rate, drop_loc, fuse_token, spatial_order, detach_scores,
+                          record_index)
+        found += 1
     for name, (_, _, _, _, can_patch) in _TARGETS.items():
         base = _base_class(name)
-        if base is None:
+        if base is None or name.startswith("TokenDrop"):
             continue
         fused = _fused_class(name)
         for module in model.modules():
@@ -93,9 +179,10 @@ def timm(model: nn.Module, backend: str | None = None) -> nn.Module:
                 module.effvit_backend = backend
                 found += 1
     if not found:
-        raise ValueError(f"effvit.patch.timm found no timm SwinTransformerBlock or EfficientViT LiteMLA in "
-                         f"{type(model).__name__}; it patches timm's swin_transformer models "
-                         "(swin_tiny_patch4_window7_224, ...) and efficientvit_mit models (efficientvit_b1, ...)")
+        raise ValueError(f"effvit.patch.timm found nothing to patch in {type(model).__name__}; it patches timm's "
+                         "swin_transformer models (swin_tiny_patch4_window7_224, ...), efficientvit_mit models "
+                         "(efficientvit_b1, ...) and VisionTransformer models (vit_small_patch16_224, ...: token "
+                         "dropping)")
     return model
 
 
@@ -106,5 +193,6 @@ def unpatch(model: nn.Module) -> nn.Module:
         base = originals.get(type(module))
         if base is not None:
             module.__class__ = base
-            module.__dict__.pop("effvit_backend", None)
+            for key in ("effvit_backend", "token_drop", "_effvit_token_drop", "_effvit_block_index"):
+                module.__dict__.pop(key, None)
     return model

@@ -142,10 +142,11 @@ def test_hilo_suite_lists_the_paper_table():
         assert f"run   {impl}" in out.stdout
 
 
-def test_hilo_and_linear_tiny_runs():
+def test_hilo_linear_token_drop_tiny_runs():
     policy = effvit.bench.timing.TimingPolicy(budget_s=0.01, min_repeats=2, warmup=1)
     for family, ops, shapes, peers in (("hilo", ["layer", "lofi"], ["14x14x384"], ("eager",)),
-                                       ("linear", ["core"], ["N196"], ("eager", "sdpa-softmax"))):
+                                       ("linear", ["core"], ["N196"], ("eager", "sdpa-softmax")),
+                                       ("token_drop", ["drop"], ["vit_s"], ("eager",))):
         result = effvit.bench.run([family], ops=ops, shapes=shapes, batches=[1], peers=True, measure_peaks=False,
                                   memory=False, backward=True, policy=policy)
         ok = {(r["op"], r["impl"], r["direction"]) for r in result["records"] if r["status"] == "ok"}

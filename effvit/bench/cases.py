@@ -8,6 +8,7 @@ shapes and settings asked for.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
@@ -79,7 +80,7 @@ def shapes(family: str) -> dict[str, dict]:
 
 def _load_families() -> None:
     if not _SUITES:
-        from effvit.bench import hilo_suite, linear_suite, shift_suite, window_suite  # noqa: F401
+        from effvit.bench import hilo_suite, linear_suite, shift_suite, token_drop_suite, window_suite  # noqa: F401
 
 
 def kernel_impls(family: str, x: torch.Tensor, wanted: tuple[str, ...] | None, factory,
@@ -145,5 +146,50 @@ def element_size(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
+def timm_model_case(family: str, B: int, model_name: str, img: int, gflops: float, dtype, opts: SuiteOptions,
+                    direction: str, probe_shape: tuple, probe_args: tuple = (), patch_kwargs: dict | None = None,
+                    extra_peers: Callable | None = None, extra_skipped: dict | None = None,
+                    params: dict | None = None) -> Case:
+    """Images/s of timm's ``model_name`` (random weights) patched by effvit.patch.timm(**patch_kwargs) with each
+    backend, against the unpatched model ("eager"). ``probe_shape`` / ``probe_args``: what the family's capability
+    checks read; ``extra_peers(model)``: more peers, {name: fn(images)}; gflops: the unpatched forward's."""
+    device, backward = opts.device, direction == "fwd+bwd"
+    impls, skipped = {}, {}
+    try:
+        import timm
+    except ImportError:
+        timm = None
+        skipped["all"] = "timm is not installed (pip install timm)"
+
+    def make_inputs():
+        return (torch.randn((B, 3, img, img), device=device, dtype=dtype).requires_grad_(backward),)
+
+    def step(fn):
+        return lambda: timed_step(fn, backward, (B, 1000), device, dtype)
+
+    if timm is not None:
+        model = timm.create_model(model_name, pretrained=False).to(device=device, dtype=dtype).eval()
+
+        def patched(backend):
+            def build():
+                import effvit
+
+                m = effvit.patch.timm(copy.deepcopy(model), backend=backend, **(patch_kwargs or {}))
+                return timed_step(m, backward, (B, 1000), device, dtype)
+            return build
+
+        impls, skipped = kernel_impls(family, torch.empty(probe_shape, device=device, dtype=dtype), opts.backends,
+                                      patched, args=probe_args)
+        if opts.peers:
+            impls["eager"] = step(model)
+            for name, fn in (extra_peers(model) if extra_peers else {}).items():
+                impls[name] = step(fn)
+            skipped["compile"] = "torch.compile of the whole model is left out (minutes of compilation)"
+            skipped.update(extra_skipped or {})
+    return Case(family=family, op="model", params=params or {"B": B, "model": model_name, "img": img}, dtype=dtype,
+                device=device, direction=direction, make_inputs=make_inputs, impls=impls, skipped=skipped, bytes=0.0,
+                flops=gflops * 1e9 * B * (3 if backward else 1), input_bytes=B * 3 * img * img * element_size(dtype))
+
+
 __all__ = ["Case", "SuiteOptions", "register_suite", "suites", "shapes", "kernel_impls", "compile_peer",
-           "add_compile_peer", "with_backward", "timed_step", "element_size"]
+           "add_compile_peer", "with_backward", "timed_step", "element_size", "timm_model_case"]

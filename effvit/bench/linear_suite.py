@@ -11,7 +11,6 @@ ops:
 
 from __future__ import annotations
 
-import copy
 from typing import Iterator
 
 import torch
@@ -19,7 +18,7 @@ import torch.nn.functional as F
 
 import effvit
 from effvit.bench.cases import Case, SuiteOptions, add_compile_peer, element_size, kernel_impls, register_suite, \
-    timed_step
+    timed_step, timm_model_case
 from effvit.reference import linear as reference
 
 STAGES = {f"N{n}": {"N": n, "heads": 8, "D": 32} for n in (196, 784, 3136, 12544, 50176)}
@@ -86,36 +85,8 @@ def _core_case(B: int, stage: dict, dtype, opts: SuiteOptions, direction: str) -
 
 
 def _model_case(B: int, stage: dict, dtype, opts: SuiteOptions, direction: str) -> Case:
-    device, backward = opts.device, direction == "fwd+bwd"
-    img = stage["img"]
-    impls, skipped = {}, {}
-    try:
-        import timm
-    except ImportError:
-        timm = None
-        skipped["all"] = "timm is not installed (pip install timm)"
-
-    def make_inputs():
-        return (torch.randn((B, 3, img, img), device=device, dtype=dtype).requires_grad_(backward),)
-
-    if timm is not None:
-        model = timm.create_model(stage["model"], pretrained=False).to(device=device, dtype=dtype).eval()
-        probe = torch.empty((B, 16, 64, 8), device=device, dtype=dtype)
-
-        def patched(backend):
-            def build():
-                m = effvit.patch.timm(copy.deepcopy(model), backend=backend)
-                return timed_step(m, backward, (B, 1000), device, dtype)
-            return build
-
-        impls, skipped = kernel_impls("linear", probe, opts.backends, patched, args=(8, 8))
-        if opts.peers:
-            impls["eager"] = lambda: timed_step(model, backward, (B, 1000), device, dtype)
-            skipped["compile"] = "torch.compile of the whole model is left out (minutes of compilation)"
-    return Case(family="linear", op="model", params={"B": B, "model": stage["model"], "img": img}, dtype=dtype,
-                device=device, direction=direction, make_inputs=make_inputs, impls=impls, skipped=skipped,
-                bytes=0.0, flops=1.6e9 * B * (3 if backward else 1),
-                input_bytes=B * 3 * img * img * element_size(dtype))
+    return timm_model_case("linear", B, stage["model"], stage["img"], 1.6, dtype, opts, direction,
+                           probe_shape=(B, 16, 64, 8), probe_args=(8, 8))
 
 
 register_suite("linear", build, STAGES)

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 import effvit
 from effvit.bench.cases import Case, SuiteOptions, add_compile_peer, compile_peer, element_size, kernel_impls, \
-    register_suite, timed_step
+    register_suite, timed_step, timm_model_case
 from effvit.reference import window as reference
 
 STAGES = {
@@ -235,36 +235,9 @@ def _attn_case(B: int, stage: dict, shift_in: int, dtype, opts: SuiteOptions, di
 
 
 def _model_case(B: int, stage: dict, dtype, opts: SuiteOptions, direction: str) -> Case:
-    device, backward = opts.device, direction == "fwd+bwd"
-    img = stage["img"]
-    impls, skipped = {}, {}
-    params = {"B": B, "model": "swin_t", "img": img}
-    try:
-        import timm
-    except ImportError:
-        timm = None
-        skipped["all"] = "timm is not installed (pip install timm)"
-
-    def make_inputs():
-        return (torch.randn((B, 3, img, img), device=device, dtype=dtype).requires_grad_(backward),)
-
-    if timm is not None:
-        model = timm.create_model(stage["model"], pretrained=False).to(device=device, dtype=dtype).eval()
-        probe = torch.empty((B, 1, 1, 3 * 96), device=device, dtype=dtype)
-
-        def patched(backend):
-            def build():
-                m = effvit.patch.timm(copy.deepcopy(model), backend=backend)
-                return timed_step(m, backward, (B, 1000), device, dtype)
-            return build
-
-        impls, skipped = kernel_impls("window", probe, opts.backends, patched, args=(3, (7, 7), (3, 3)))
-        if opts.peers:
-            impls["eager"] = lambda: timed_step(model, backward, (B, 1000), device, dtype)
-            skipped["compile"] = "torch.compile of the whole model is left out (minutes of compilation)"
-    return Case(family="window", op="model", params=params, dtype=dtype, device=device, direction=direction,
-                make_inputs=make_inputs, impls=impls, skipped=skipped, bytes=0.0, flops=4.5e9 * B * (3 if backward else 1),
-                input_bytes=B * 3 * img * img * element_size(dtype))
+    return timm_model_case("window", B, stage["model"], stage["img"], 4.5, dtype, opts, direction,
+                           probe_shape=(B, 1, 1, 3 * 96), probe_args=(3, (7, 7), (3, 3)),
+                           params={"B": B, "model": "swin_t", "img": stage["img"]})
 
 
 register_suite("window", build, STAGES)
