@@ -1,6 +1,7 @@
 // CPU kernels of the token-drop ops (EViT token dropping).
 //
-// cls_attention_scores: per (image, head) one GEMV of the CLS query against the N keys, a softmax row (its
+// cls_attention_scores: per (image, head) one GEMV of the CLS query against the N keys (vector dot products on
+// keys converted to the accumulation type), a softmax row with the vectorised exp of attention_tile.h (its
 // log-sum-exp is kept for backward), then per image the mean over heads at the non-prefix keys. No [B, H, N, N]
 // probabilities: the patched ViT runs its attention through SDPA, which never forms them.
 // drop_tokens: per image, rank the scores (descending, ties to the lower position, NaN last), keep the first
@@ -20,6 +21,8 @@
 #include <vector>
 
 #include "../common/token_drop_checks.h"
+#include "attention_tile.h"
+#include "cpu_isa.h"
 
 namespace effvit {
 namespace {
@@ -27,26 +30,111 @@ namespace {
 template <typename scalar_t>
 using AccOf = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
 
-// One head's CLS softmax row: prob[j] = softmax_j(scale * q . k_j) over the N keys; returns the log-sum-exp.
-// q: D values at stride qd; k: N rows at stride kn, D values at stride kd.
+// What the score kernels read: q [B, H, D] and k [B, H, N, D] through their strides.
 template <typename scalar_t, typename acc_t>
-acc_t cls_softmax_row(const scalar_t* q, int64_t qd, const scalar_t* k, int64_t kn, int64_t kd, int64_t N,
-                      int64_t D, acc_t scale, acc_t* q_acc, acc_t* prob) {
-  for (int64_t d = 0; d < D; ++d) q_acc[d] = static_cast<acc_t>(q[d * qd]);
-  acc_t row_max = -std::numeric_limits<acc_t>::infinity();
-  for (int64_t j = 0; j < N; ++j) {
-    const scalar_t* kj = k + j * kn;
-    acc_t dot = 0;
-    for (int64_t d = 0; d < D; ++d) dot += q_acc[d] * static_cast<acc_t>(kj[d * kd]);
-    prob[j] = dot * scale;
-    row_max = std::max(row_max, prob[j]);
-  }
-  acc_t sum = 0;
-  for (int64_t j = 0; j < N; ++j) sum += std::exp(prob[j] - row_max);
-  const acc_t lse = row_max + std::log(sum);
-  for (int64_t j = 0; j < N; ++j) prob[j] = std::exp(prob[j] - lse);
-  return lse;
+struct ClsCall {
+  const scalar_t* q = nullptr;
+  const scalar_t* k = nullptr;
+  int64_t qb = 0, qh = 0, qd = 0, kb = 0, kh = 0, kn = 0, kd = 0;
+  int64_t H = 0, N = 0, D = 0, P = 0;
+  int Dp = 0, Np = 0;  // D and N padded to kPad (vector multiples)
+  acc_t scale = 1;
+};
+
+template <typename scalar_t, typename acc_t>
+ClsCall<scalar_t, acc_t> make_cls_call(const ClsScoreInputs& in, const at::Tensor& q, const at::Tensor& k,
+                                       double scale) {
+  ClsCall<scalar_t, acc_t> c;
+  c.q = q.data_ptr<scalar_t>(), c.k = k.data_ptr<scalar_t>();
+  c.qb = q.stride(0), c.qh = q.stride(1), c.qd = q.stride(2);
+  c.kb = k.stride(0), c.kh = k.stride(1), c.kn = k.stride(2), c.kd = k.stride(3);
+  c.H = in.H, c.N = in.N, c.D = in.D, c.P = in.P;
+  c.Dp = round_up(static_cast<int>(in.D), kPad), c.Np = round_up(static_cast<int>(in.N), kPad);
+  c.scale = static_cast<acc_t>(scale);
+  return c;
 }
+
+// One head's CLS logits, scale * q . k_j, into row[Np] (padded columns kMaskedColumn). q_acc [Dp] gets q in acc_t
+// and keys the keys (zero-padded): all N of them, [N x Dp], with keep_keys (the backward reuses them), else one row.
+template <typename scalar_t, typename acc_t>
+EFFVIT_ALWAYS_INLINE void cls_logits(const ClsCall<scalar_t, acc_t>& c, int64_t bh, acc_t* q_acc, acc_t* keys,
+                                     bool keep_keys, acc_t* row) {
+  const int64_t b = bh / c.H, h = bh % c.H;
+  const scalar_t* q = c.q + b * c.qb + h * c.qh;
+  const scalar_t* k = c.k + b * c.kb + h * c.kh;
+  for (int64_t d = 0; d < c.D; ++d) q_acc[d] = static_cast<acc_t>(q[d * c.qd]);
+  for (int64_t j = 0; j < c.N; ++j) {
+    const scalar_t* kj = k + j * c.kn;
+    acc_t* key = keep_keys ? keys + j * c.Dp : keys;
+    if (c.kd == 1)
+      load_row(kj, key, static_cast<int>(c.D), acc_t(1));
+    else
+      for (int64_t d = 0; d < c.D; ++d) key[d] = static_cast<acc_t>(kj[d * c.kd]);
+    row[j] = dot_padded(q_acc, key, c.Dp) * c.scale;
+  }
+  for (int64_t j = c.N; j < c.Np; ++j) row[j] = static_cast<acc_t>(kMaskedColumn);
+}
+
+// Scratch of one thread: q_acc [Dp] and keys [key_rows x Dp], zero-padded.
+template <typename acc_t>
+struct ClsScratch {
+  std::vector<acc_t> q_acc, keys;
+  ClsScratch(int Dp, int64_t key_rows) : q_acc(Dp, acc_t(0)), keys(key_rows * Dp, acc_t(0)) {}
+};
+
+// probs[bh] (rows of Np) = the softmax of each head's CLS logits; lse[bh] its log-sum-exp.
+template <typename scalar_t, typename acc_t>
+EFFVIT_ALWAYS_INLINE void cls_forward_body(const ClsCall<scalar_t, acc_t>* call, acc_t* probs, acc_t* lse,
+                                           int64_t begin, int64_t end) {
+  const auto& c = *call;
+  ClsScratch<acc_t> s(c.Dp, 1);
+  for (int64_t bh = begin; bh < end; ++bh) {
+    acc_t* row = probs + bh * c.Np;
+    cls_logits(c, bh, s.q_acc.data(), s.keys.data(), false, row);
+    const acc_t shift = row_max(row, c.Np);
+    const acc_t sum = exp_row(row, c.Np, shift);
+    lse[bh] = shift + std::log(sum);
+    const acc_t inv = acc_t(1) / sum;
+    for (int j = 0; j < c.Np; ++j) row[j] *= inv;
+  }
+}
+EFFVIT_CPU_ISA_VARIANTS(cls_forward_range, cls_forward_body)
+
+// grad_q, grad_k of (b, h) from the recomputed probabilities: ds_j = p_j (g_j - sum_i p_i g_i), g_j the
+// score's gradient / H (0 on prefix keys); grad_q = scale * sum_j ds_j k_j, grad_k_j = scale * ds_j q.
+template <typename scalar_t, typename acc_t>
+EFFVIT_ALWAYS_INLINE void cls_backward_body(const ClsCall<scalar_t, acc_t>* call, const acc_t* lse,
+                                            const acc_t* grad, scalar_t* gq, scalar_t* gk, int64_t begin,
+                                            int64_t end) {
+  const auto& c = *call;
+  ClsScratch<acc_t> s(c.Dp, c.N);
+  std::vector<acc_t> row(c.Np), dq(c.Dp);
+  const int64_t M = c.N - c.P;
+  const acc_t inv_heads = acc_t(1) / static_cast<acc_t>(c.H);
+  for (int64_t bh = begin; bh < end; ++bh) {
+    const int64_t b = bh / c.H;
+    cls_logits(c, bh, s.q_acc.data(), s.keys.data(), true, row.data());
+    exp_row(row.data(), c.Np, lse[bh]);  // the probabilities
+    const acc_t* g = grad + b * M - c.P;  // g[j] for j >= P
+    acc_t p_dot_g = 0;
+    for (int64_t j = c.P; j < c.N; ++j) p_dot_g += row[j] * g[j] * inv_heads;
+    std::fill(dq.begin(), dq.end(), acc_t(0));
+    scalar_t* gk_h = gk + bh * c.N * c.D;
+    for (int64_t j = 0; j < c.N; ++j) {
+      const acc_t gj = j >= c.P ? g[j] * inv_heads : acc_t(0);
+      const acc_t ds = row[j] * (gj - p_dot_g) * c.scale;
+      const acc_t* key = s.keys.data() + j * c.Dp;
+      for (int d = 0; d < c.Dp; ++d) dq[d] += ds * key[d];
+      store_row(s.q_acc.data(), gk_h + j * c.D, static_cast<int>(c.D), ds);
+    }
+    store_row(dq.data(), gq + bh * c.D, static_cast<int>(c.D), acc_t(1));
+  }
+}
+EFFVIT_CPU_ISA_VARIANTS(cls_backward_range, cls_backward_body)
+
+// Heads per parallel task: one (b, h) is a few microseconds, and splitting even a batch-1 call over the cores
+// measured faster than one thread (2-core EPYC, ViT-S/B shapes).
+constexpr int64_t kHeadsPerTask = 2;
 
 std::tuple<at::Tensor, at::Tensor> cls_attention_scores_cpu(const at::Tensor& q, const at::Tensor& k, double scale,
                                                             int64_t num_prefix) {
@@ -57,27 +145,22 @@ std::tuple<at::Tensor, at::Tensor> cls_attention_scores_cpu(const at::Tensor& q,
   if (in.B == 0) return {scores, lse};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "cls_attention_scores_cpu", [&] {
     using acc_t = AccOf<scalar_t>;
-    std::vector<acc_t> probs(in.B * in.H * in.N);
-    acc_t* lse_out = lse.data_ptr<acc_t>();
-    const scalar_t* qp = q.data_ptr<scalar_t>();
-    const scalar_t* kp = k.data_ptr<scalar_t>();
-    at::parallel_for(0, in.B * in.H, 1, [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> q_acc(in.D);
-      for (int64_t bh = begin; bh < end; ++bh) {
-        const int64_t b = bh / in.H, h = bh % in.H;
-        lse_out[bh] = cls_softmax_row(qp + b * q.stride(0) + h * q.stride(1), q.stride(2),
-                                      kp + b * k.stride(0) + h * k.stride(1), k.stride(2), k.stride(3), in.N, in.D,
-                                      static_cast<acc_t>(scale), q_acc.data(), probs.data() + bh * in.N);
-      }
+    const auto c = make_cls_call<scalar_t, acc_t>(in, q, k, scale);
+    const auto* call = &c;
+    std::vector<acc_t> probs(in.B * in.H * c.Np);
+    acc_t* probs_ptr = probs.data();
+    acc_t* lse_ptr = lse.data_ptr<acc_t>();
+    at::parallel_for(0, in.B * in.H, kHeadsPerTask, [&](int64_t begin, int64_t end) {
+      cls_forward_range(call, probs_ptr, lse_ptr, begin, end);
     });
     acc_t* out = scores.data_ptr<acc_t>();
     const int64_t M = in.N - in.P;
-    at::parallel_for(0, in.B, 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, in.B, 8, [&](int64_t begin, int64_t end) {
       for (int64_t b = begin; b < end; ++b) {
         acc_t* row = out + b * M;
         std::fill(row, row + M, acc_t(0));
         for (int64_t h = 0; h < in.H; ++h) {  // heads in order: the same sum on every run
-          const acc_t* p = probs.data() + (b * in.H + h) * in.N + in.P;
+          const acc_t* p = probs_ptr + (b * in.H + h) * c.Np + in.P;
           for (int64_t j = 0; j < M; ++j) row[j] += p[j];
         }
         for (int64_t j = 0; j < M; ++j) row[j] /= static_cast<acc_t>(in.H);
@@ -100,45 +183,14 @@ std::tuple<at::Tensor, at::Tensor> cls_attention_scores_backward_cpu(const at::T
   const at::Tensor lse_c = lse.contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "cls_attention_scores_backward_cpu", [&] {
     using acc_t = AccOf<scalar_t>;
-    const scalar_t* qp = q.data_ptr<scalar_t>();
-    const scalar_t* kp = k.data_ptr<scalar_t>();
-    const acc_t* gp = g_all.data_ptr<acc_t>();
-    const acc_t* lp = lse_c.data_ptr<acc_t>();
+    const auto c = make_cls_call<scalar_t, acc_t>(in, q, k, scale);
+    const auto* call = &c;
+    const acc_t* lse_ptr = lse_c.data_ptr<acc_t>();
+    const acc_t* g_ptr = g_all.data_ptr<acc_t>();
     scalar_t* gq = grad_q.data_ptr<scalar_t>();
     scalar_t* gk = grad_k.data_ptr<scalar_t>();
-    const int64_t M = in.N - in.P;
-    const acc_t sc = static_cast<acc_t>(scale), inv_heads = acc_t(1) / static_cast<acc_t>(in.H);
-    at::parallel_for(0, in.B * in.H, 1, [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> q_acc(in.D), ds(in.N), dq(in.D);
-      for (int64_t bh = begin; bh < end; ++bh) {
-        const int64_t b = bh / in.H, h = bh % in.H;
-        const scalar_t* qh = qp + b * q.stride(0) + h * q.stride(1);
-        const scalar_t* kh = kp + b * k.stride(0) + h * k.stride(1);
-        for (int64_t d = 0; d < in.D; ++d) q_acc[d] = static_cast<acc_t>(qh[d * q.stride(2)]);
-        // p_j from the saved lse; ds_j = p_j (g_j - sum_i p_i g_i), g_j the score's gradient / H (0 on prefix keys)
-        acc_t p_dot_g = 0;
-        for (int64_t j = 0; j < in.N; ++j) {
-          const scalar_t* kj = kh + j * k.stride(2);
-          acc_t dot = 0;
-          for (int64_t d = 0; d < in.D; ++d) dot += q_acc[d] * static_cast<acc_t>(kj[d * k.stride(3)]);
-          const acc_t p = std::exp(dot * sc - lp[bh]);
-          const acc_t g = j >= in.P ? gp[b * M + j - in.P] * inv_heads : acc_t(0);
-          ds[j] = p;  // the probability now, ds once p_dot_g is known
-          p_dot_g += p * g;
-        }
-        std::fill(dq.begin(), dq.end(), acc_t(0));
-        scalar_t* gk_h = gk + bh * in.N * in.D;
-        for (int64_t j = 0; j < in.N; ++j) {
-          const acc_t g = j >= in.P ? gp[b * M + j - in.P] * inv_heads : acc_t(0);
-          const acc_t dsj = ds[j] * (g - p_dot_g) * sc;
-          const scalar_t* kj = kh + j * k.stride(2);
-          for (int64_t d = 0; d < in.D; ++d) {
-            dq[d] += dsj * static_cast<acc_t>(kj[d * k.stride(3)]);
-            gk_h[j * in.D + d] = static_cast<scalar_t>(dsj * q_acc[d]);
-          }
-        }
-        for (int64_t d = 0; d < in.D; ++d) gq[bh * in.D + d] = static_cast<scalar_t>(dq[d]);
-      }
+    at::parallel_for(0, in.B * in.H, kHeadsPerTask, [&](int64_t begin, int64_t end) {
+      cls_backward_range(call, lse_ptr, g_ptr, gq, gk, begin, end);
     });
   });
   return {grad_q, grad_k};
@@ -188,7 +240,10 @@ std::tuple<at::Tensor, at::Tensor> drop_tokens_cpu(const at::Tensor& x, const at
         scalar_t* ob = op + b * rows * in.C;
         const auto copy_row = [&](int64_t src, int64_t dst) {
           const scalar_t* r = xb + src * sn;
-          for (int64_t c = 0; c < in.C; ++c) ob[dst * in.C + c] = r[c * sc];
+          if (sc == 1)
+            std::copy(r, r + in.C, ob + dst * in.C);
+          else
+            for (int64_t c = 0; c < in.C; ++c) ob[dst * in.C + c] = r[c * sc];
         };
         for (int64_t t = 0; t < in.P; ++t) copy_row(t, t);
         std::fill(kept.begin(), kept.end(), 0);
@@ -203,7 +258,11 @@ std::tuple<at::Tensor, at::Tensor> drop_tokens_cpu(const at::Tensor& x, const at
           if (kept[j]) continue;
           const acc_t w = static_cast<acc_t>(s[j]);
           const scalar_t* r = xb + (in.P + j) * sn;
-          for (int64_t c = 0; c < in.C; ++c) fused[c] += w * static_cast<acc_t>(r[c * sc]);
+          acc_t* __restrict__ f = fused.data();
+          if (sc == 1)
+            for (int64_t c = 0; c < in.C; ++c) f[c] += w * static_cast<acc_t>(r[c]);
+          else
+            for (int64_t c = 0; c < in.C; ++c) f[c] += w * static_cast<acc_t>(r[c * sc]);
         }
         for (int64_t c = 0; c < in.C; ++c) ob[(rows - 1) * in.C + c] = static_cast<scalar_t>(fused[c]);
       }
