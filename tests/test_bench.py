@@ -54,6 +54,21 @@ def test_tiny_run_writes_json_csv_markdown(tmp_path):
     assert "| op |" in md and "effvit-bench" in md
 
 
+def test_plot_writes_pngs(tmp_path):
+    pytest.importorskip("matplotlib")
+    out = _bench(*TINY, "--out", str(tmp_path), "--plot")
+    assert out.returncode == 0, out.stderr
+    pngs = sorted(p.name for p in tmp_path.glob("*.png"))
+    assert pngs == ["latency-shift.png", "roofline.png", "speedup-shift.png"], pngs
+    for name in pngs:
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the same from the recorded JSON, into another folder
+    again = subprocess.run([sys.executable, "-m", "effvit.bench.plot", str(tmp_path / "bench.json"), "--out",
+                            str(tmp_path / "replot")], capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr
+    assert sorted(p.name for p in (tmp_path / "replot").glob("*.png")) == pngs
+
+
 def test_python_api_returns_records():
     result = effvit.bench.run(["shift"], ops=["shift"], shapes=["7x7x768"], batches=[1], peers=False,
                               measure_peaks=False, memory=False,
@@ -78,7 +93,7 @@ def test_compare_flags_a_regression(tmp_path, capsys):
     data = json.loads((out_dir / "bench.json").read_text())
     for r in data["records"]:
         if r["status"] == "ok":
-            r["median_us"] /= 100  # pretend the old run was 100x faster
+            r["median_us"] = 1e-3  # pretend the old run took a nanosecond: any real run is slower
     old_path = tmp_path / "old.json"
     old_path.write_text(json.dumps(data))
     second = _bench(*TINY, "--no-peers", "--op", "shift", "--compare", str(old_path), "--fail-if-regression", "10")
@@ -94,6 +109,7 @@ def test_compare_flags_a_regression(tmp_path, capsys):
     (["--batch", "0"], "--batch"),
     (["--fail-if-regression", "5"], "needs --compare"),
     (["--compare", "/nonexistent.json"], "no such file"),
+    (["--plot"], "--plot needs --out"),
 ])
 def test_bad_arguments_exit_2(args, words):
     out = _bench(*args)

@@ -397,5 +397,5 @@ def test_timm_patch_under_autocast():
 
 @requires_timm
 def test_timm_patch_needs_a_swin():
-    with pytest.raises(ValueError, match="no timm SwinTransformerBlock"):
+    with pytest.raises(ValueError, match="found nothing to patch in Linear; it patches timm's swin_transformer"):
         effvit.patch.timm(torch.nn.Linear(2, 2))

@@ -4,6 +4,7 @@
     effvit-bench --list                   # what would run, and why any implementation is skipped
     effvit-bench --family shift --shape 7x7x768 --batch 64 --backward --out results/
     effvit-bench --compare old/bench.json --fail-if-regression 10
+    effvit-bench --family token_drop --out results/ --plot     # also PNG plots (matplotlib)
 
 Exit status: 0 on success, 1 when --fail-if-regression finds a regression, 2 on bad arguments.
 """
@@ -52,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compare", metavar="OLD.json", help="compare with an earlier run's JSON")
     p.add_argument("--fail-if-regression", metavar="PCT", type=float,
                    help="with --compare: exit 1 if any implementation is more than PCT%% slower")
+    p.add_argument("--plot", action="store_true",
+                   help="with --out: also write PNG plots (speed-up bars, latency per case, roofline; needs "
+                        "matplotlib)")
     p.add_argument("--system-malloc", action="store_true",
                    help="leave glibc returning freed memory to the OS (page faults then dominate large cases)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
@@ -74,6 +78,13 @@ def _validate(p: argparse.ArgumentParser, args) -> str:
                 + ("" if torch.version.cuda else f" (torch {torch.__version__} is a CPU-only build)"))
     if args.fail_if_regression is not None and not args.compare:
         p.error("--fail-if-regression needs --compare OLD.json")
+    if args.plot and not args.out:
+        p.error("--plot needs --out DIR (the PNGs go beside bench.json)")
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            p.error("--plot needs matplotlib (pip install matplotlib, or effvit[bench])")
     if args.compare and not os.path.exists(args.compare):
         p.error(f"--compare: no such file {args.compare!r}")
     for b in args.batch or ():
@@ -149,8 +160,12 @@ def main(argv: list[str] | None = None) -> int:
     command = report.command_line(argv)
     report.print_table(result)
     if args.out:
-        paths = report.write_all(result, args.out, command)
-        print("wrote " + ", ".join(paths.values()))
+        paths = list(report.write_all(result, args.out, command).values())
+        if args.plot:
+            from effvit.bench import plot
+
+            paths += plot.plot_all(dict(result, command=command), args.out)
+        print("wrote " + ", ".join(paths))
     if args.compare:
         with open(args.compare) as f:
             old = json.load(f)
