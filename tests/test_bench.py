@@ -110,6 +110,7 @@ def test_compare_flags_a_regression(tmp_path, capsys):
     (["--fail-if-regression", "5"], "needs --compare"),
     (["--compare", "/nonexistent.json"], "no such file"),
     (["--plot"], "--plot needs --out"),
+    (["--device", "cpu", "--cuda-graphs"], "--cuda-graphs times GPU cases"),
 ])
 def test_bad_arguments_exit_2(args, words):
     out = _bench(*args)

@@ -105,3 +105,15 @@ def test_flex_peer_computes_the_same_core(seed):
     core = window_suite._flex_core_factory(2, stage, (7, 7), (3, 3), 32 ** -0.5, "cuda")
     expected = ref_window.window_attention_core(qkv, table, 3, (7, 7), (3, 3), 32 ** -0.5, pad)
     assert (core(qkv, table, pad) - expected).abs().max().item() < 1e-3
+
+
+def test_bench_times_cuda_graph_replays():
+    """--cuda-graphs: the steps are captured and replayed (a capturable op), with samples like the eager path's."""
+    from effvit.bench import timing
+
+    x = torch.randn(4, 96, 56, 56, device="cuda")
+    policy = timing.TimingPolicy(budget_s=0.05, min_repeats=3, warmup=1, cuda_graphs=True)
+    calls = timing.graph_replays(lambda x: effvit.shift(x, 12), [(x,)])
+    assert calls is not None
+    samples = timing.time_step(lambda x: effvit.shift(x, 12), [(x,)], "cuda", policy)
+    assert len(samples) >= 3 and all(s > 0 for s in samples)

@@ -12,6 +12,7 @@ Exit status: 0 on success, 1 when --fail-if-regression finds a regression, 2 on 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -53,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compare", metavar="OLD.json", help="compare with an earlier run's JSON")
     p.add_argument("--fail-if-regression", metavar="PCT", type=float,
                    help="with --compare: exit 1 if any implementation is more than PCT%% slower")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="GPU: time CUDA graph replays of each step (no launch overhead, as in a CUDA-graphed "
+                        "model); a step that cannot be captured is timed eagerly, with a warning")
     p.add_argument("--plot", action="store_true",
                    help="with --out: also write PNG plots (speed-up bars, latency per case, roofline; needs "
                         "matplotlib)")
@@ -78,6 +82,8 @@ def _validate(p: argparse.ArgumentParser, args) -> str:
                 + ("" if torch.version.cuda else f" (torch {torch.__version__} is a CPU-only build)"))
     if args.fail_if_regression is not None and not args.compare:
         p.error("--fail-if-regression needs --compare OLD.json")
+    if args.cuda_graphs and device != "cuda":
+        p.error("--cuda-graphs times GPU cases; this run is on the CPU (--device cuda on a machine with a GPU)")
     if args.plot and not args.out:
         p.error("--plot needs --out DIR (the PNGs go beside bench.json)")
     if args.plot:
@@ -144,8 +150,9 @@ def main(argv: list[str] | None = None) -> int:
         _list(args, device)
         return 0
     policy = None
-    if args.budget:
-        policy = timing.TimingPolicy(budget_s=args.budget)
+    if args.budget or args.cuda_graphs:
+        base = timing.default_policy(args.quick)
+        policy = dataclasses.replace(base, budget_s=args.budget or base.budget_s, cuda_graphs=args.cuda_graphs)
     bar, progress = _progress()
     directions = _directions(args)
     kwargs = dict(ops=args.op, backends=args.backend, dtypes=args.dtype or ["float32"], shapes=args.shape,

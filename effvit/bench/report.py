@@ -117,7 +117,8 @@ def markdown(result: dict, command: str | None = None) -> str:
         f"sgemm {p.get('sgemm_gflops', 0):.0f} GFLOP/s" if p else "- peaks not measured",
         f"- method: {s['policy']['warmup']} warm-up calls, then the implementations of a case take turns in "
         f"blocks of about 50 ms (the first call of a block not kept) for {s['policy']['budget_s']} s each (at "
-        f"least {s['policy']['min_repeats']} calls; on a GPU each is timed alone with CUDA events); median and "
+        f"least {s['policy']['min_repeats']} calls; on a GPU each is timed alone with CUDA events"
+        f"{', replaying CUDA graphs' if s['policy'].get('cuda_graphs') else ''}); median and "
         f"p10-p90; inputs rotated over up to "
         f"{s['policy']['max_input_sets']} sets; freed memory retained: {s['retain_freed_memory']}",
         f"- started {s['started']}, finished {s['finished']}",

@@ -43,7 +43,7 @@ def run(families: Iterable[str] | None = None, *, ops: Iterable[str] | None = No
     if threads:
         torch.set_num_threads(threads)
     retained = timing.retain_freed_memory() if retain_freed_memory and device == "cpu" else False
-    policy = policy or (timing.TimingPolicy(budget_s=0.25, min_repeats=5, warmup=2) if quick else timing.TimingPolicy())
+    policy = policy or timing.default_policy(quick)
     directions = tuple(d for d, on in (("fwd", forward), ("fwd+bwd", backward)) if on)
     opts = SuiteOptions(device=device, dtypes=tuple(DTYPES[d] for d in dtypes),
                         batches=tuple(batches) if batches else None, shapes=tuple(shapes) if shapes else None,

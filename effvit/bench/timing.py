@@ -28,6 +28,11 @@ class TimingPolicy:
     budget_s: float = 1.0          # per implementation and case, after warm-up
     rotate_bytes: int = 64 << 20   # keep cycling input sets until they span at least this many bytes
     max_input_sets: int = 8
+    cuda_graphs: bool = False      # GPU: time CUDA graph replays of each step (no launch overhead)
+
+
+def default_policy(quick: bool = False) -> TimingPolicy:
+    return TimingPolicy(budget_s=0.25, min_repeats=5, warmup=2) if quick else TimingPolicy()
 
 
 def input_sets_needed(input_bytes: int, policy: TimingPolicy) -> int:
@@ -97,12 +102,39 @@ def time_interleaved(steps: dict[str, Callable[..., None]], input_sets: list[tup
             return samples
 
 
+def graph_replays(step, input_sets) -> list[Callable[[], None]] | None:
+    """One CUDA graph per input set, each replaying step on those inputs (what a CUDA-graphed model pays: no
+    launch overhead), or None, with a warning, when step cannot be captured (a host sync, CPU work)."""
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up off the capture stream, as torch.cuda.graph asks
+            for inputs in input_sets:
+                step(*inputs)
+        torch.cuda.current_stream().wait_stream(side)
+        graphs = []
+        for inputs in input_sets:
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                step(*inputs)
+            graphs.append(graph)
+    except Exception as e:  # noqa: BLE001 - any capture failure: time it eagerly instead
+        print(f"effvit-bench: CUDA graph capture failed ({type(e).__name__}: {str(e)[:120]}); timed eagerly",
+              file=sys.stderr)
+        torch.cuda.synchronize()
+        return None
+    return [graph.replay for graph in graphs]
+
+
 def _time_cuda(step, input_sets, policy: TimingPolicy) -> list[float]:
     k = len(input_sets)
+    calls = graph_replays(step, input_sets) if policy.cuda_graphs else None
+    if calls is None:
+        calls = [lambda inputs=inputs: step(*inputs) for inputs in input_sets]
     torch.cuda.synchronize()
     # estimate the cost of one call to size the batch of timed calls
     t0 = time.perf_counter()
-    step(*input_sets[0])
+    calls[0]()
     torch.cuda.synchronize()
     one = max(time.perf_counter() - t0, 1e-6)
     n = int(min(policy.max_repeats, max(policy.min_repeats, policy.budget_s / one)))
@@ -110,7 +142,7 @@ def _time_cuda(step, input_sets, policy: TimingPolicy) -> list[float]:
     ends = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
     for i in range(n):
         starts[i].record()
-        step(*input_sets[i % k])
+        calls[i % k]()
         ends[i].record()
     torch.cuda.synchronize()
     return [s.elapsed_time(e) / 1e3 for s, e in zip(starts, ends)]

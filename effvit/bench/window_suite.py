@@ -8,7 +8,8 @@ ops:
          partitioned sequence, bias and shift mask as a score_mod).
   attn   a timm SwinTransformerBlock's whole attention path, _attn(x [B, H, W, C]), GEMMs included:
          effvit (the patched block) against timm eager, timm SDPA and torch.compile of timm eager.
-  model  timm swin_tiny_patch4_window7_224, images/s: effvit.patch.timm against the unpatched model.
+  model  timm swin_tiny_patch4_window7_224 (swin_t, in the default run) and swin_small_patch4_window7_224 (swin_s),
+         images/s: effvit.patch.timm against the unpatched model.
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ STAGES = {
     "28x28x192": {"C": 192, "H": 28, "W": 28, "heads": 6},
     "14x14x384": {"C": 384, "H": 14, "W": 14, "heads": 12},
     "7x7x768": {"C": 768, "H": 7, "W": 7, "heads": 24},
-    "swin_t": {"model": "swin_tiny_patch4_window7_224", "img": 224},
+    "swin_t": {"model": "swin_tiny_patch4_window7_224", "short": "swin_t", "img": 224, "gflops": 4.5},
+    "swin_s": {"model": "swin_small_patch4_window7_224", "short": "swin_s", "img": 224, "gflops": 8.7},
 }
 STAGE_NAMES = ("56x56x96", "28x28x192", "14x14x384", "7x7x768")
 DEFAULT_BATCHES = (1, 8)
@@ -235,9 +237,9 @@ def _attn_case(B: int, stage: dict, shift_in: int, dtype, opts: SuiteOptions, di
 
 
 def _model_case(B: int, stage: dict, dtype, opts: SuiteOptions, direction: str) -> Case:
-    return timm_model_case("window", B, stage["model"], stage["img"], 4.5, dtype, opts, direction,
+    return timm_model_case("window", B, stage["model"], stage["img"], stage["gflops"], dtype, opts, direction,
                            probe_shape=(B, 1, 1, 3 * 96), probe_args=(3, (7, 7), (3, 3)),
-                           params={"B": B, "model": "swin_t", "img": stage["img"]})
+                           params={"B": B, "model": stage["short"], "img": stage["img"]})
 
 
 register_suite("window", build, STAGES)
