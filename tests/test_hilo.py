@@ -201,10 +201,11 @@ def make_hilo(case, backend, dtype=torch.float64):
     return official.to(DEVICE, torch.float64), ours.to(DEVICE, dtype)
 
 
-def grad_errors(module, reference_module, x, x64, floor: float = 0.01):
+def grad_errors(module, reference_module, x, x64, floor: float = 0.1):
     """Relative gradient errors against float64, per input/parameter. A parameter's error is measured against the
     larger of its own gradient and ``floor`` times the largest one: l_q's gradient is exactly 0 with one pooled key,
-    and with a few keys it is a small difference of terms the size of the others'."""
+    and with a few keys it is a small difference of terms the size of the others' (float32 rounding of that zero
+    measured 1.2e-7 of the largest gradient, above a 1% floor's bound; a wrong gradient is off by its own size)."""
     largest = max(p.grad.abs().max().item() for p in reference_module.parameters())
     errors = {"x": rel_error(x.grad, x64.grad)}
     for (name, p), p64 in zip(module.named_parameters(), reference_module.parameters()):
