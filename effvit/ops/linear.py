@@ -20,17 +20,11 @@ import torch
 
 from effvit import backends, checks
 from effvit.ops import registry
+from effvit.ops.layout import empty_like_layout
 from effvit.ops.window import acc_dtype
 from effvit.reference import linear as reference
 
 _OPS = ("linear_attention", "linear_attention_backward")
-
-
-def empty_like_layout(q: torch.Tensor, last: int) -> torch.Tensor:
-    """An empty [B, H, N, last] tensor laid out in memory in q's dimension order (the kernels' output)."""
-    order = sorted(range(4), key=lambda d: -q.stride(d))
-    sizes = list(q.shape[:3]) + [last]
-    return q.new_empty([sizes[d] for d in order]).permute(*[order.index(d) for d in range(4)])
 
 
 # ---- fake kernels ---------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ by ``dot_config`` at each launch) should a GPU's tl.dot reject float64.
 from __future__ import annotations
 
 import contextlib
+import math
 import struct
 
 import torch
@@ -76,6 +77,10 @@ def dot_config(dtype: torch.dtype, is_cuda: bool) -> dict:
 
 
 def split_scale(scale: float) -> tuple[float, float]:
-    """(hi, lo): hi the fp32 rounding of scale, lo the rest (see acc_scale)."""
-    hi = struct.unpack("f", struct.pack("f", scale))[0]
-    return hi, scale - hi
+    """(hi, lo): hi the fp32 rounding of scale, lo the rest (see acc_scale); beyond fp32's range (or inf) hi is
+    the infinity and lo 0 (inf - inf would make it nan)."""
+    try:
+        hi = struct.unpack("f", struct.pack("f", scale))[0]
+    except OverflowError:  # beyond fp32's range
+        return math.copysign(math.inf, scale), 0.0
+    return (hi, 0.0) if math.isinf(hi) else (hi, scale - hi)

@@ -9,7 +9,7 @@ Per (b, h), phi in {identity, relu, elu+1}, a_i = phi(q_i * q_scale), b_j = phi(
                             memory and (B, H, D, N) memory are read in place, never copied)
   v        [B, H, N, Dv]    q's dtype, any strides; Dv may differ from D (both 1..128)
   temperature [H]           accumulation dtype (float32; float64 for float64 q) or None (t = 1)
-  out      [B, H, N, Dv]    q's dtype, laid out in q's memory order (``_empty_like_layout``)
+  out      [B, H, N, Dv]    q's dtype, laid out in q's memory order (``effvit.ops.layout.empty_like_layout``)
   state    [B, H, D, Dv+1]  accumulation dtype, contiguous: S with z as its last column
   grad_q, grad_k [B, H, N, D], grad_v [B, H, N, Dv]: q's dtype, contiguous
   grad_temperature [H]      accumulation dtype ([0]-shaped when temperature is None)
@@ -42,12 +42,12 @@ The launchers take and return logical tensors (fresh outputs, inputs never writt
 
 from __future__ import annotations
 
-import math
 
 import torch
 import triton
 import triton.language as tl
 
+from effvit.ops.layout import empty_like_layout
 from effvit.triton_kernels.common import acc_dtypes, acc_scale, dot_config, matmul, on_device, split_scale, to_acc
 
 FEATURE_MAPS = {"identity": 0, "relu": 1, "elu+1": 2}   # as csrc/common/linear_checks.h's FeatureMap
@@ -321,23 +321,6 @@ def _config(q: torch.Tensor, feature_map: str, D: int, Dv: int) -> dict:
                 ACC=acc_tl)
 
 
-def _split(x: float) -> tuple[float, float]:
-    """split_scale for any float: inf stays (inf, 0) (its split would give lo = nan)."""
-    return split_scale(x) if math.isfinite(x) else (x, 0.0)
-
-
-def _empty_like_layout(q: torch.Tensor, Dv: int) -> torch.Tensor:
-    """[B, H, N, Dv] in q's dims' memory order (csrc/common/linear_checks.h's empty_like_layout)."""
-    order = sorted(range(4), key=lambda i: -q.stride(i))   # stable: ties keep logical order, as std::stable_sort
-    sizes = list(q.shape[:3]) + [Dv]
-    strides = [0] * 4
-    step = 1
-    for i in reversed(order):
-        strides[i] = step
-        step *= sizes[i]
-    return torch.empty_strided(sizes, strides, dtype=q.dtype, device=q.device)
-
-
 def _reduce_chunks(part: torch.Tensor, B: int, H: int, D: int, Dv: int) -> torch.Tensor:
     """[B*H, chunks, D, Dv+1] partials -> [B, H, D, Dv+1] (torch's reduction: a fixed order, no atomics)."""
     if part.shape[1] == 1:
@@ -357,7 +340,7 @@ def _linear_attention(q, k, v, temperature, feature_map, q_scale, k_scale, eps, 
     Dv = v.shape[3]
     cfg = _config(q, feature_map, D, Dv)
     _, acc_torch = acc_dtypes(q.dtype)
-    out = _empty_like_layout(q, Dv)
+    out = empty_like_layout(q, Dv)
     if B * H == 0 or N == 0:
         return out, torch.zeros((B, H, D, Dv + 1), dtype=acc_torch, device=q.device)
     tiles = _tiles(N, D, Dv, q.dtype)
@@ -365,14 +348,14 @@ def _linear_attention(q, k, v, temperature, feature_map, q_scale, k_scale, eps, 
     part = torch.empty((B * H, chunks, D, Dv + 1), dtype=acc_torch, device=q.device)
     grid = (B * H * chunks,)
     consts = dict(D=D, DV=Dv, **tiles, **cfg)
-    _state_kernel[grid](k, v, part, N, H, chunks, chunk_len, *k.stride(), *v.stride(), *_split(k_scale),
+    _state_kernel[grid](k, v, part, N, H, chunks, chunk_len, *k.stride(), *v.stride(), *split_scale(k_scale),
                         **consts)
     state = _reduce_chunks(part, B, H, D, Dv)
     has_t = temperature is not None
     t = temperature.reshape(H).to(acc_torch).contiguous() if has_t else state
     clamp = denom_min != float("-inf")
     _out_kernel[grid](q, state, t, out, N, H, chunks, chunk_len, *q.stride(), *out.stride(),
-                      *_split(q_scale), *_split(eps), *(_split(denom_min) if clamp else (0.0, 0.0)),
+                      *split_scale(q_scale), *split_scale(eps), *(split_scale(denom_min) if clamp else (0.0, 0.0)),
                       HAS_T=has_t, CLAMP=clamp, **consts)
     return out, state
 
@@ -410,10 +393,10 @@ def _linear_attention_backward(grad_out, q, k, v, temperature, state, feature_ma
     t = temperature.reshape(H).to(acc_torch).contiguous() if has_t else state
     clamp = denom_min != float("-inf")
     _bwd_q_kernel[grid](grad_out, q, state, t, grad_q, part, dt_part, N, H, chunks, chunk_len,
-                        *q.stride(), *grad_out.stride(), *_split(q_scale), *_split(eps),
-                        *(_split(denom_min) if clamp else (0.0, 0.0)), HAS_T=has_t, CLAMP=clamp, **consts)
+                        *q.stride(), *grad_out.stride(), *split_scale(q_scale), *split_scale(eps),
+                        *(split_scale(denom_min) if clamp else (0.0, 0.0)), HAS_T=has_t, CLAMP=clamp, **consts)
     dstate = _reduce_chunks(part, B, H, D, Dv)
     _bwd_kv_kernel[grid](k, v, dstate, grad_k, grad_v, N, H, chunks, chunk_len, *k.stride(), *v.stride(),
-                         *_split(k_scale), **consts)
+                         *split_scale(k_scale), **consts)
     grad_t = dt_part.sum(dim=(0, 2)) if has_t else torch.zeros((0,), dtype=acc_torch, device=q.device)
     return grad_q, grad_k, grad_v, grad_t

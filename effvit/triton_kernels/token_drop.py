@@ -65,7 +65,6 @@ happen before them (effvit/ops/token_drop.py, csrc/common/token_drop_checks.h).
 
 from __future__ import annotations
 
-import math
 
 import torch
 import triton
@@ -404,11 +403,6 @@ def _drop_bwd_kernel(go_ptr, x_ptr, s_ptr, src_ptr, gx_ptr, gs_ptr, N, C, P, K,
 # ---- launchers ----------------------------------------------------------------------------------------
 
 
-def _split(x: float) -> tuple[float, float]:
-    """split_scale for any float: inf stays (inf, 0) (its split would give lo = nan)."""
-    return split_scale(x) if math.isfinite(x) else (x, 0.0)
-
-
 def _cls_tiles(N: int, D: int, dtype: torch.dtype) -> dict:
     """A whole head per tile (BLOCK_D); BLOCK_N keys, the tile at most 4096 values (2048 in float64),
     shrunk to small N. The kernels are memory bound: 4 warps."""
@@ -435,7 +429,7 @@ def _cls_attention_scores(q, k, scale, P):
     logits = torch.empty((B, H, M), dtype=acc_torch, device=q.device)
     stat = torch.empty((B, H, 2), dtype=acc_torch, device=q.device)
     tiles = _cls_tiles(N, D, q.dtype)
-    _cls_logits_kernel[(B * H,)](q, k, logits, stat, lse, N, H, P, *q.stride(), *k.stride(), *_split(scale),
+    _cls_logits_kernel[(B * H,)](q, k, logits, stat, lse, N, H, P, *q.stride(), *k.stride(), *split_scale(scale),
                                  D=D, **tiles, ACC=acc_tl)
     block_m = min(256, triton.next_power_of_2(max(M, 16)))
     _cls_mean_kernel[(B, triton.cdiv(M, block_m))](logits, stat, scores, M, H, BLOCK_M=block_m, num_warps=4)
@@ -460,7 +454,7 @@ def _cls_attention_scores_backward(grad_scores, q, k, lse, scale, P):
     p = torch.empty((B, H, N), dtype=acc_torch, device=q.device)
     delta = torch.empty((B, H), dtype=acc_torch, device=q.device)
     tiles = _cls_tiles(N, D, q.dtype)
-    hi, lo = _split(scale)
+    hi, lo = split_scale(scale)
     _cls_bwd_q_kernel[(B * H,)](grad_scores, q, k, lse, p, delta, grad_q, N, H, P, *grad_scores.stride(),
                                 *q.stride(), *k.stride(), hi, lo, D=D, **tiles, ACC=acc_tl)
     _cls_bwd_k_kernel[(B * H, triton.cdiv(N, tiles["BLOCK_N"]))](
