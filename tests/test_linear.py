@@ -148,6 +148,29 @@ def test_gradcheck_float64(backend, feature, seed):
     assert gradcheck(fn, (q, k, v, t), eps=1e-6, atol=1e-6, fast_mode=True)
 
 
+@pytest.mark.skipif(DEVICE != "cpu", reason="the CPU kernel's work split")
+@pytest.mark.parametrize("threads", [1, 3])
+@pytest.mark.parametrize("B, H, N", [(1, 3, 1500), (2, 3, 1100), (1, 5, 130), (3, 1, 64), (1, 7, 1)])
+def test_cpu_forward_split_over_tokens_and_heads(B, H, N, threads, poisoned):
+    """The CPU forward splits (image, token range, head group) over the threads: several token ranges, head groups
+    of uneven size and blocks cut short all give the reference's result, and the same bits on every run (the split
+    depends on the thread count, never on thread timing)."""
+    case = dict(B=B, H=H, N=N, D=20, Dv=12, layout="bnhd", feature="relu", temperature=True, q_scale=0.7,
+                k_scale=1.3, eps=1e-5, denom_min=None)
+    q, k, v, t = make_case_inputs(case, torch.float32)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        out, state = linear_ops.op("cpu", "linear_attention")(q, k, v, t, "relu", 0.7, 1.3, 1e-5, float("-inf"))
+        out_one, state_one = linear_ops.op("cpu", "linear_attention")(q, k, v, t, "relu", 0.7, 1.3, 1e-5,
+                                                                    float("-inf"))
+    finally:
+        torch.set_num_threads(before)
+    expected, _ = reference_and_grads(case, q, k, v, t)
+    assert_close_rel(out, expected, torch.float32, f"out {case}")
+    assert torch.equal(out, out_one) and torch.equal(state, state_one)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_half_precision_does_not_overflow_at_large_n(backend):
     """The state is summed in float32: at N = 65536 the eager float16 code overflows to inf, the kernels do not."""

@@ -9,6 +9,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #include "cpu_isa.h"
 
@@ -56,17 +57,19 @@ EFFVIT_ALWAYS_INLINE void vstore(T* p, const V& v) {
 // registers while the K loop streams two vectors of B and broadcasts four values of A per step.
 // With `init`, C = init + A @ B (init laid out like C): the logits start from the bias. With kTransA, A is
 // stored transposed ([K x M], row-major), which spares transposing P and dS in the backward.
-template <bool kTransA = false, typename acc_t>
+// With kAccumulate, C += A @ B (C read first; init unused).
+template <bool kTransA = false, bool kAccumulate = false, typename acc_t>
 EFFVIT_ALWAYS_INLINE void gemm_nn(const acc_t* __restrict__ A, int lda, const acc_t* __restrict__ B, int ldb,
                                   acc_t* __restrict__ C, int ldc, int M, int K, int Ncols,
                                   const acc_t* __restrict__ init = nullptr) {
+  if (kAccumulate) init = C;
   using V = typename Vec<acc_t>::type;
   constexpr int L = Vec<acc_t>::lanes;
   for (int i = 0; i < M; i += kRows) {
     const acc_t* a0 = A + i * lda;
     for (int jb = 0; jb < Ncols; jb += 2 * L) {
       V c00 = {}, c10 = {}, c20 = {}, c30 = {}, c01 = {}, c11 = {}, c21 = {}, c31 = {};
-      if (init != nullptr) {
+      if (kAccumulate || init != nullptr) {
         const acc_t* c0 = init + i * ldc + jb;
         c00 = vload<V>(c0), c01 = vload<V>(c0 + L);
         c10 = vload<V>(c0 + ldc), c11 = vload<V>(c0 + ldc + L);
@@ -131,9 +134,17 @@ EFFVIT_ALWAYS_INLINE void vexp(Vec<double>::type* inout) {
 }
 
 // dst[d] = src[d] * mul (restrict: lets the compiler vectorise the conversion and keep mul in a register).
+// Whole vectors first where no conversion is needed: with mul a constant 1 the plain loop becomes a memcpy call per
+// row, which costs more than the copy at these sizes.
 template <typename scalar_t, typename acc_t>
 EFFVIT_ALWAYS_INLINE void load_row(const scalar_t* __restrict__ src, acc_t* __restrict__ dst, int D, acc_t mul) {
-  for (int d = 0; d < D; ++d) dst[d] = static_cast<acc_t>(src[d]) * mul;
+  int d = 0;
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    using V = typename Vec<acc_t>::type;
+    constexpr int L = Vec<acc_t>::lanes;
+    for (; d + L <= D; d += L) vstore(dst + d, vload<V>(src + d) * mul);
+  }
+  for (; d < D; ++d) dst[d] = static_cast<acc_t>(src[d]) * mul;
 }
 
 template <typename scalar_t, typename acc_t>
@@ -152,6 +163,41 @@ EFFVIT_ALWAYS_INLINE acc_t dot_padded(const acc_t* a, const acc_t* b, int Dp) {
   acc_t total = 0;
   for (int l = 0; l < L; ++l) total += sum[l];
   return total;
+}
+
+// out[i] = sum over d < Dp of A[i * lda + d] * x[d] for i < n (rows and x zero-padded to Dp, a multiple of the
+// vector width). Sixteen rows' vector products are reduced together by a transpose-and-add tree (four levels of two
+// shuffles and an add: each level halves the lanes per row and doubles the rows per vector) instead of a sixteen-lane
+// horizontal sum per row.
+EFFVIT_ALWAYS_INLINE void dot_rows(const float* A, int lda, const float* x, int Dp, int n, float* out) {
+  using V = Vec<float>::type;
+  using I = int32_t __attribute__((vector_size(64)));
+  static constexpr I lo16 = {0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23};
+  static constexpr I lo8 = {0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27};
+  static constexpr I lo4 = {0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29};
+  static constexpr I lo2 = {0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30};
+  int i = 0;
+  for (; i + 16 <= n; i += 16) {
+    V p[16];
+    for (int r = 0; r < 16; ++r) {
+      V sum = {};
+      for (int d = 0; d < Dp; d += 16) sum += vload<V>(A + int64_t{i + r} * lda + d) * vload<V>(x + d);
+      p[r] = sum;
+    }
+    for (int r = 0; r < 8; ++r) p[r] = __builtin_shuffle(p[2 * r], p[2 * r + 1], lo16) +
+                                       __builtin_shuffle(p[2 * r], p[2 * r + 1], lo16 + 8);
+    for (int r = 0; r < 4; ++r) p[r] = __builtin_shuffle(p[2 * r], p[2 * r + 1], lo8) +
+                                       __builtin_shuffle(p[2 * r], p[2 * r + 1], lo8 + 4);
+    for (int r = 0; r < 2; ++r) p[r] = __builtin_shuffle(p[2 * r], p[2 * r + 1], lo4) +
+                                       __builtin_shuffle(p[2 * r], p[2 * r + 1], lo4 + 2);
+    vstore(out + i, __builtin_shuffle(p[0], p[1], lo2) + __builtin_shuffle(p[0], p[1], lo2 + 1));
+  }
+  for (; i < n; ++i) out[i] = dot_padded(A + int64_t{i} * lda, x, Dp);
+}
+
+// float64 (tests and gradcheck): one row at a time.
+EFFVIT_ALWAYS_INLINE void dot_rows(const double* A, int lda, const double* x, int Dp, int n, double* out) {
+  for (int i = 0; i < n; ++i) out[i] = dot_padded(A + int64_t{i} * lda, x, Dp);
 }
 
 // max over a padded row (padded columns hold -1e30, so they never win).
