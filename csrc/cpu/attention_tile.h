@@ -1,6 +1,10 @@
 // Building blocks of the CPU attention kernels (window and Lo-Fi attention): 64-byte vectors, a register-blocked
 // GEMM micro-kernel, a vectorised exp and the row operations of a softmax over zero-padded buffers.
 //
+// The GEMM and the softmax rows (whose selects and register blocks must fit the register file) run in vectors of
+// the running variant's width: 64 bytes on AVX-512, 32 on AVX2, 16 otherwise (running_isa); plain loads, stores,
+// adds and multiplies use 64-byte vectors everywhere, which the compiler splits into registers without cost.
+//
 // Everything here is EFFVIT_ALWAYS_INLINE and in an unnamed namespace, so it is compiled inside each per-ISA
 // variant of the kernel bodies that use it (cpu_isa.h) and never shared across translation units.
 #pragma once
@@ -25,6 +29,10 @@ constexpr int kRows = 4;                 // rows per micro-kernel block
 constexpr float kMaskedColumn = -1e30f;  // logit of a padded key column
 
 inline int round_up(int v, int m) { return (v + m - 1) / m * m; }
+
+// The instruction set whose variant of the kernels runs (cpu_isa.h), read once: the vector code below picks its
+// width from it, so each variant runs the width its registers hold.
+inline const cpu::CpuIsa running_isa = cpu::cpu_isa();
 
 // One 64-byte vector of the accumulation type (one AVX-512 register; two AVX2 or four SSE ones).
 template <typename acc_t>
@@ -52,25 +60,32 @@ EFFVIT_ALWAYS_INLINE void vstore(T* p, const V& v) {
   std::memcpy(p, &v, sizeof(V));
 }
 
-// C[M x Ncols] = A[M x K] @ B[K x Ncols]; M a multiple of kRows, Ncols of two vectors. A block of four
-// rows by two vectors of C (eight accumulators: enough independent FMAs to cover their latency) stays in
-// registers while the K loop streams two vectors of B and broadcasts four values of A per step.
-// With `init`, C = init + A @ B (init laid out like C): the logits start from the bias. With kTransA, A is
-// stored transposed ([K x M], row-major), which spares transposing P and dS in the backward.
-// With kAccumulate, C += A @ B (C read first; init unused).
-template <bool kTransA = false, bool kAccumulate = false, typename acc_t>
-EFFVIT_ALWAYS_INLINE void gemm_nn(const acc_t* __restrict__ A, int lda, const acc_t* __restrict__ B, int ldb,
-                                  acc_t* __restrict__ C, int ldc, int M, int K, int Ncols,
-                                  const acc_t* __restrict__ init = nullptr) {
-  if (kAccumulate) init = C;
-  using V = typename Vec<acc_t>::type;
-  constexpr int L = Vec<acc_t>::lanes;
+// A vector of kBytes bytes of acc_t: the micro-kernel's width, chosen per instruction set (below).
+template <int kBytes, typename acc_t>
+struct VecN {
+  typedef acc_t type __attribute__((vector_size(kBytes)));
+  static constexpr int lanes = kBytes / sizeof(acc_t);
+};
+
+// One pass of gemm_nn with vectors of kBytes: a block of four rows by two vectors of C (eight accumulators: enough
+// independent FMAs to cover their latency) stays in registers while the K loop streams two vectors of B and
+// broadcasts four values of A per step. Eight accumulators and two B vectors must fit the register file, so the
+// vector is the instruction set's own width: 64 bytes with AVX-512's 32 registers, 32 with AVX2's 16 and 16 with
+// SSE (64-byte vectors on AVX2 spill every accumulator: measured 13x slower).
+enum class Start { kZero, kInit, kAccumulate };  // what the accumulators start from
+
+template <int kBytes, bool kTransA, Start kStart, typename acc_t>
+EFFVIT_ALWAYS_INLINE void gemm_pass(const acc_t* __restrict__ A, int lda, const acc_t* __restrict__ B, int ldb,
+                                    acc_t* __restrict__ C, int ldc, int M, int K, int Ncols,
+                                    const acc_t* __restrict__ init) {
+  using V = typename VecN<kBytes, acc_t>::type;
+  constexpr int L = VecN<kBytes, acc_t>::lanes;
   for (int i = 0; i < M; i += kRows) {
     const acc_t* a0 = A + i * lda;
     for (int jb = 0; jb < Ncols; jb += 2 * L) {
       V c00 = {}, c10 = {}, c20 = {}, c30 = {}, c01 = {}, c11 = {}, c21 = {}, c31 = {};
-      if (kAccumulate || init != nullptr) {
-        const acc_t* c0 = init + i * ldc + jb;
+      if (kStart != Start::kZero) {
+        const acc_t* c0 = (kStart == Start::kInit ? init : C) + i * ldc + jb;
         c00 = vload<V>(c0), c01 = vload<V>(c0 + L);
         c10 = vload<V>(c0 + ldc), c11 = vload<V>(c0 + ldc + L);
         c20 = vload<V>(c0 + 2 * ldc), c21 = vload<V>(c0 + 2 * ldc + L);
@@ -103,12 +118,39 @@ EFFVIT_ALWAYS_INLINE void gemm_nn(const acc_t* __restrict__ A, int lda, const ac
   }
 }
 
-// exp on a vector of floats (Cephes' expf: 2^n * p(r), |r| <= ln2 / 2, ~1 ulp); exact 0 below -87.3,
-// where float underflows anyway.
-EFFVIT_ALWAYS_INLINE void vexp(Vec<float>::type* inout) {
-  using V = Vec<float>::type;
-  using I = int32_t __attribute__((vector_size(64)));
-  V x = *inout;
+template <bool kTransA, Start kStart, typename acc_t>
+EFFVIT_ALWAYS_INLINE void gemm_dispatch(const acc_t* __restrict__ A, int lda, const acc_t* __restrict__ B, int ldb,
+                                        acc_t* __restrict__ C, int ldc, int M, int K, int Ncols,
+                                        const acc_t* __restrict__ init) {
+  switch (running_isa) {  // the variant running this code: each pass runs where its width is native
+    case cpu::CpuIsa::kAvx512: return gemm_pass<64, kTransA, kStart>(A, lda, B, ldb, C, ldc, M, K, Ncols, init);
+    case cpu::CpuIsa::kAvx2: return gemm_pass<32, kTransA, kStart>(A, lda, B, ldb, C, ldc, M, K, Ncols, init);
+    default: return gemm_pass<16, kTransA, kStart>(A, lda, B, ldb, C, ldc, M, K, Ncols, init);
+  }
+}
+
+// C[M x Ncols] = A[M x K] @ B[K x Ncols]; M a multiple of kRows, Ncols of kPad.
+// With `init`, C = init + A @ B (init laid out like C): the logits start from the bias. With kTransA, A is
+// stored transposed ([K x M], row-major), which spares transposing P and dS in the backward.
+// With kAccumulate, C += A @ B (C read first; init unused).
+template <bool kTransA = false, bool kAccumulate = false, typename acc_t>
+EFFVIT_ALWAYS_INLINE void gemm_nn(const acc_t* __restrict__ A, int lda, const acc_t* __restrict__ B, int ldb,
+                                  acc_t* __restrict__ C, int ldc, int M, int K, int Ncols,
+                                  const acc_t* __restrict__ init = nullptr) {
+  if (kAccumulate) {
+    gemm_dispatch<kTransA, Start::kAccumulate, acc_t>(A, lda, B, ldb, C, ldc, M, K, Ncols, nullptr);
+  } else if (init != nullptr) {
+    gemm_dispatch<kTransA, Start::kInit, acc_t>(A, lda, B, ldb, C, ldc, M, K, Ncols, init);
+  } else {
+    gemm_dispatch<kTransA, Start::kZero, acc_t>(A, lda, B, ldb, C, ldc, M, K, Ncols, nullptr);
+  }
+}
+
+// exp on a vector of floats of any width (Cephes' expf: 2^n * p(r), |r| <= ln2 / 2, ~1 ulp); exact 0 below
+// -87.3, where float underflows anyway.
+template <typename V>
+EFFVIT_ALWAYS_INLINE V vexp(V x) {
+  using I = typename VecN<sizeof(V), int32_t>::type;
   const auto underflow = x < -87.3f;  // lanes whose exp is below float's range
   x = underflow ? V{} - 87.3f : x;
   x = x > 88.7f ? V{} + 88.7f : x;
@@ -125,12 +167,7 @@ EFFVIT_ALWAYS_INLINE void vexp(Vec<float>::type* inout) {
   const I bits = (__builtin_convertvector(n, I) + 127) << 23;
   V scale;
   std::memcpy(&scale, &bits, sizeof(V));
-  *inout = underflow ? V{} : p * scale;
-}
-
-// float64 is for tests and gradcheck: plain std::exp.
-EFFVIT_ALWAYS_INLINE void vexp(Vec<double>::type* inout) {
-  for (int l = 0; l < Vec<double>::lanes; ++l) (*inout)[l] = std::exp((*inout)[l]);
+  return underflow ? V{} : p * scale;
 }
 
 // dst[d] = src[d] * mul (restrict: lets the compiler vectorise the conversion and keep mul in a register).
@@ -200,11 +237,11 @@ EFFVIT_ALWAYS_INLINE void dot_rows(const double* A, int lda, const double* x, in
   for (int i = 0; i < n; ++i) out[i] = dot_padded(A + int64_t{i} * lda, x, Dp);
 }
 
-// max over a padded row (padded columns hold -1e30, so they never win).
-template <typename acc_t>
-EFFVIT_ALWAYS_INLINE acc_t row_max(const acc_t* row, int Np) {
-  using V = typename Vec<acc_t>::type;
-  constexpr int L = Vec<acc_t>::lanes;
+// max over a padded row (padded columns hold -1e30, so they never win), in vectors of kBytes.
+template <int kBytes, typename acc_t>
+EFFVIT_ALWAYS_INLINE acc_t row_max_pass(const acc_t* row, int Np) {
+  using V = typename VecN<kBytes, acc_t>::type;
+  constexpr int L = VecN<kBytes, acc_t>::lanes;
   V m = vload<V>(row);
   for (int j = L; j < Np; j += L) {
     const V x = vload<V>(row + j);
@@ -215,21 +252,45 @@ EFFVIT_ALWAYS_INLINE acc_t row_max(const acc_t* row, int Np) {
   return out;
 }
 
-// row[j] becomes exp(row[j] - shift) in place over a padded row; returns the row's sum.
 template <typename acc_t>
-EFFVIT_ALWAYS_INLINE acc_t exp_row(acc_t* row, int Np, acc_t shift) {
-  using V = typename Vec<acc_t>::type;
-  constexpr int L = Vec<acc_t>::lanes;
+EFFVIT_ALWAYS_INLINE acc_t row_max(const acc_t* row, int Np) {
+  switch (running_isa) {
+    case cpu::CpuIsa::kAvx512: return row_max_pass<64>(row, Np);
+    case cpu::CpuIsa::kAvx2: return row_max_pass<32>(row, Np);
+    default: return row_max_pass<16>(row, Np);
+  }
+}
+
+// row[j] becomes exp(row[j] - shift) in place over a padded row; returns the row's sum. In vectors of kBytes
+// (float32) or 64 bytes (float64, plain std::exp).
+template <int kBytes, typename acc_t>
+EFFVIT_ALWAYS_INLINE acc_t exp_row_pass(acc_t* row, int Np, acc_t shift) {
+  constexpr int kWidth = std::is_same_v<acc_t, float> ? kBytes : 64;
+  using V = typename VecN<kWidth, acc_t>::type;
+  constexpr int L = VecN<kWidth, acc_t>::lanes;
   V sum = {};
   for (int j = 0; j < Np; j += L) {
     V e = vload<V>(row + j) - shift;
-    vexp(&e);
+    if constexpr (std::is_same_v<acc_t, float>) {
+      e = vexp(e);
+    } else {
+      for (int l = 0; l < L; ++l) e[l] = std::exp(e[l]);
+    }
     vstore(row + j, e);
     sum += e;
   }
   acc_t total = 0;
   for (int l = 0; l < L; ++l) total += sum[l];
   return total;
+}
+
+template <typename acc_t>
+EFFVIT_ALWAYS_INLINE acc_t exp_row(acc_t* row, int Np, acc_t shift) {
+  switch (running_isa) {
+    case cpu::CpuIsa::kAvx512: return exp_row_pass<64>(row, Np, shift);
+    case cpu::CpuIsa::kAvx2: return exp_row_pass<32>(row, Np, shift);
+    default: return exp_row_pass<16>(row, Np, shift);
+  }
 }
 
 }  // namespace
