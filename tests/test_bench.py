@@ -170,3 +170,12 @@ def test_hilo_linear_token_drop_tiny_runs():
         for op in ops:
             for impl in ("effvit:cpu",) + peers:
                 assert (op, impl, "fwd+bwd") in ok, (family, op, impl, sorted(ok))
+
+
+def test_recorded_command_names_the_cpu_isa_it_ran_under(monkeypatch):
+    """A run under EFFVIT_CPU_ISA measures another kernel variant: the recorded command says so, so it can be rerun."""
+    monkeypatch.delenv("EFFVIT_CPU_ISA", raising=False)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert report.command_line(["--family", "window"]) == "effvit-bench --family window"
+    monkeypatch.setenv("EFFVIT_CPU_ISA", "avx2")
+    assert report.command_line(["--family", "window"]) == "EFFVIT_CPU_ISA=avx2 effvit-bench --family window"

@@ -152,8 +152,13 @@ def write_all(result: dict, out_dir: str, command: str | None = None, stem: str 
     return paths
 
 
+# environment variables that change what a run measures: recorded in front of the command
+MEASURED_ENV = ("EFFVIT_CPU_ISA", "TRITON_INTERPRET")
+
+
 def command_line(argv: list[str]) -> str:
-    return "effvit-bench " + " ".join(shlex.quote(a) for a in argv)
+    env = [f"{name}={shlex.quote(os.environ[name])} " for name in MEASURED_ENV if os.environ.get(name)]
+    return "".join(env) + "effvit-bench " + " ".join(shlex.quote(a) for a in argv)
 
 
 # ---- comparing runs ----------------------------------------------------------------------------------
