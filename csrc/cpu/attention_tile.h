@@ -60,13 +60,6 @@ EFFVIT_ALWAYS_INLINE void vstore(T* p, const V& v) {
   std::memcpy(p, &v, sizeof(V));
 }
 
-// A vector of kBytes bytes of acc_t: the micro-kernel's width, chosen per instruction set (below).
-template <int kBytes, typename acc_t>
-struct VecN {
-  typedef acc_t type __attribute__((vector_size(kBytes)));
-  static constexpr int lanes = kBytes / sizeof(acc_t);
-};
-
 // One pass of gemm_nn with vectors of kBytes: a block of four rows by two vectors of C (eight accumulators: enough
 // independent FMAs to cover their latency) stays in registers while the K loop streams two vectors of B and
 // broadcasts four values of A per step. Eight accumulators and two B vectors must fit the register file, so the

@@ -22,6 +22,16 @@ const char* cpu_isa_name(CpuIsa isa);
 const char* compiled_cpu_isas();    // e.g. "avx512 avx2 default"
 
 }  // namespace cpu
+
+// A GCC/Clang vector of kBytes bytes of T. Hot loops that keep vectors in registers across iterations (GEMM
+// accumulators, reductions, selects) use the running variant's width — 64 bytes on AVX-512, 32 on AVX2, 16
+// otherwise: a wider vector has no register mode in a narrower variant and lives on the stack.
+template <int kBytes, typename T>
+struct VecN {
+  typedef T type __attribute__((vector_size(kBytes)));
+  static constexpr int lanes = kBytes / sizeof(T);
+};
+
 }  // namespace effvit
 
 #if (defined(__x86_64__) || defined(_M_X64)) && (defined(__GNUC__) || defined(__clang__)) && \

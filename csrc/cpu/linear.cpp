@@ -121,19 +121,21 @@ EFFVIT_ALWAYS_INLINE void add_into(acc_t* __restrict__ dst, const acc_t* __restr
 
 // Rows [j0, j0 + n) of `heads` heads (head stride sh; element strides sn, sd) times mul into per-head buffers
 // dst + hh * rows * ld, each [rows, ld]; rows past n and columns past D are zero. With sd == 1 a token's heads are
-// read together, so (B, N, H, D) memory is read in order.
+// read together, so (B, N, H, D) memory is read in order; `tokens` is the slice's length (how far prefetching may go).
 // With relu, the feature map is applied as the rows are read (phi(0) = 0 keeps the padding zero).
 template <typename scalar_t, typename acc_t>
 EFFVIT_ALWAYS_INLINE void gather_heads(const scalar_t* base, int64_t sh, int64_t sn, int64_t sd, int heads, int j0,
                                        int n, int D, acc_t mul, acc_t* __restrict__ dst, int ld, int rows,
-                                       bool relu = false) {
+                                       int tokens, bool relu = false) {
   const int64_t head_size = int64_t{rows} * ld;
   if (sd == 1) {
     for (int t = 0; t < n; ++t) {
-      // a few tokens ahead (past the block too: prefetches never fault); ~10% here, where each token is a new page
-      for (int hh = 0; hh < heads; ++hh)
-        for (int d = 0; d < D; d += kLineElems<scalar_t>)
-          __builtin_prefetch(base + hh * sh + (j0 + t + kPrefetchTokens) * sn + d, 0, 3);
+      // a few tokens ahead, into the next block too (of the `tokens` there are); ~10% here, where each token is a
+      // new page
+      if (j0 + t + kPrefetchTokens < tokens)
+        for (int hh = 0; hh < heads; ++hh)
+          for (int d = 0; d < D; d += kLineElems<scalar_t>)
+            __builtin_prefetch(base + hh * sh + (j0 + t + kPrefetchTokens) * sn + d, 0, 3);
       for (int hh = 0; hh < heads; ++hh) {
         acc_t* __restrict__ row = dst + hh * head_size + int64_t{t} * ld;
         const scalar_t* __restrict__ src = base + hh * sh + (j0 + t) * sn;
@@ -191,9 +193,9 @@ EFFVIT_ALWAYS_INLINE void state_body(const LinearCall<scalar_t, acc_t>* call, ac
     for (int j0 = j_begin; j0 < j_end; j0 += kTokens) {
       const int n = std::min(kTokens, j_end - j0);
       gather_heads(c.k + b * c.ks.b + h0 * c.ks.h, c.ks.h, c.ks.n, c.ks.d, heads, j0, n, c.D, c.k_scale, kb.data(),
-                   c.Dp, kTokens, c.phi == FeatureMap::kRelu);
+                   c.Dp, kTokens, c.N, c.phi == FeatureMap::kRelu);
       gather_heads(c.v + b * c.vs.b + h0 * c.vs.h, c.vs.h, c.vs.n, c.vs.d, heads, j0, n, c.Dv, acc_t(1), vb.data(),
-                   c.Dsp, kTokens);
+                   c.Dsp, kTokens, c.N);
       for (int hh = 0; hh < heads; ++hh) {
         acc_t* kh = kb.data() + hh * kb_size;
         acc_t* out = parts + hh * part;
@@ -226,7 +228,7 @@ EFFVIT_ALWAYS_INLINE void output_body(const LinearCall<scalar_t, acc_t>* call, c
     for (int j0 = j_begin; j0 < j_end; j0 += kTokens) {
       const int n = std::min(kTokens, j_end - j0);
       gather_heads(c.q + b * c.qs.b + h0 * c.qs.h, c.qs.h, c.qs.n, c.qs.d, heads, j0, n, c.D, c.q_scale, qb.data(),
-                   c.Dp, kTokens, c.phi == FeatureMap::kRelu);
+                   c.Dp, kTokens, c.N, c.phi == FeatureMap::kRelu);
       for (int hh = 0; hh < heads; ++hh) {
         const int h = h0 + hh;
         const int64_t bh = int64_t{b} * c.H + h;

@@ -255,11 +255,6 @@ EFFVIT_CPU_ISA_VARIANTS(shift_lines, shift_lines_body)
 // held as kPieces vectors of the running variant's register width: one AVX-512 register, two AVX2 or four SSE2
 // ones. (One 64-byte vector type in the AVX2 variant has no register mode and lives on the stack: measured 3.5x
 // slower.) Lanes are added in a fixed order, so every ISA variant gives the same bits.
-template <int kBytes, typename T>
-struct VecOf {
-  typedef T type __attribute__((vector_size(kBytes)));
-};
-
 // Values [0, 8 / kPieces) of p as doubles (an out-parameter: returning a vector wider than the variant's registers
 // would change the ABI).
 template <int kPieces, typename T, typename P>
@@ -268,7 +263,7 @@ EFFVIT_ALWAYS_INLINE void load_f64(const T* p, P* out) {
   if constexpr (std::is_same_v<T, double>) {
     std::memcpy(out, p, sizeof(P));
   } else if constexpr (std::is_same_v<T, float> && kLanes >= 4) {
-    typename VecOf<kLanes * 4, float>::type f;
+    typename VecN<kLanes * 4, float>::type f;
     std::memcpy(&f, p, sizeof(f));
     *out = __builtin_convertvector(f, P);
   } else {
@@ -279,7 +274,7 @@ EFFVIT_ALWAYS_INLINE void load_f64(const T* p, P* out) {
 template <int kPieces, typename T>
 EFFVIT_ALWAYS_INLINE int64_t add_sums_pass(const T* a, const T* b, int64_t n, double* sum, double* sum_ab) {
   constexpr int kLanes = 8 / kPieces;
-  using P = typename VecOf<64 / kPieces, double>::type;
+  using P = typename VecN<64 / kPieces, double>::type;
   P s[kPieces] = {}, sp[kPieces] = {};
   int64_t j = 0;
   for (; j + 8 <= n; j += 8)
