@@ -84,6 +84,9 @@ def kernel_backends(device: str = "cpu", family: str = "shift") -> list[str]:
 
 
 DEVICE = "cuda" if _HAS_GPU else "cpu"
+# The GPU backwards add partial gradients (keys, values, the bias table) with atomics, so float64 results differ
+# run to run in the last bits: gradcheck's reentrancy check gets this much slack (seen on an H100: exact 0 failed).
+GRADCHECK_NONDET_TOL = 1e-12
 
 
 def _seed_for(nodeid: str) -> int:

@@ -78,7 +78,9 @@ def test_swin_t_shapes_on_gpu(backend, dtype, hw, C, heads, shift, seed, poisone
     from effvit.reference import window as ref_window
 
     qkv = torch.randn(8, hw, hw, 3 * C, device="cuda", dtype=dtype).requires_grad_()
-    table = (torch.randn(169, heads, device="cuda") * 0.5).requires_grad_()
+    # the table in the accumulation dtype (float32 for half qkv, as under autocast; float64 for float64)
+    table_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    table = (torch.randn(169, heads, device="cuda", dtype=table_dtype) * 0.5).requires_grad_()
     pad = torch.randn(3 * C, device="cuda", dtype=dtype)
     out = effvit.window_attention(qkv, heads, 7, shift, table, pad, backend=backend)
     grad = torch.randn_like(out)
