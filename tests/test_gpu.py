@@ -119,3 +119,103 @@ def test_bench_times_cuda_graph_replays():
     assert calls is not None
     samples = timing.time_step(lambda x: effvit.shift(x, 12), [(x,)], "cuda", policy)
     assert len(samples) >= 3 and all(s > 0 for s in samples)
+
+
+def _graph_cases():
+    """name -> (make inputs, fn(backend, *inputs) -> output): one call of each op, as a model would make it."""
+    def window_inputs():
+        return (torch.randn(2, 9, 11, 3 * 64, device="cuda"), torch.randn(81, 2, device="cuda"))
+
+    def hilo_inputs():
+        return (torch.randn(2, 30, 64, device="cuda"), torch.randn(2, 8, 128, device="cuda"))
+
+    def linear_inputs():
+        return tuple(torch.randn(2, 4, 50, 16, device="cuda") for _ in range(3))
+
+    def shift_inputs():
+        return (torch.randn(2, 48, 9, 7, device="cuda"),)
+
+    def drop_inputs():
+        return (torch.randn(2, 3, 1, 16, device="cuda"), torch.randn(2, 3, 21, 16, device="cuda"),
+                torch.randn(2, 21, 48, device="cuda"))
+
+    def drop(backend, q, k, x):
+        scores = effvit.cls_attention_scores(q[:, :, 0], k, backend=backend)
+        return effvit.drop_tokens(x, scores, keep=12, backend=backend)[0]
+
+    return {
+        "window": (window_inputs, lambda b, qkv, table: effvit.window_attention(
+            qkv, 2, (5, 5), (2, 2), relative_position_bias_table=table, backend=b)),
+        "lofi": (hilo_inputs, lambda b, q, kv: effvit.lofi_attention(q, kv, 4, backend=b)),
+        "linear": (linear_inputs, lambda b, q, k, v: effvit.linear_attention(q, k, v, eps=1e-5, backend=b)),
+        "shift_group_norm": (shift_inputs, lambda b, x: effvit.shift_group_norm(x, 12, backend=b)[1]),
+        "token_drop": (drop_inputs, drop),
+    }
+
+
+GRAPH_CASES = _graph_cases() if torch.cuda.is_available() else {}
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("name", list(GRAPH_CASES))
+def test_ops_replay_in_cuda_graphs(name, backend, seed):
+    """Every op, forward and backward, captured in a CUDA graph (no host sync, no allocation the graph cannot
+    own) and replayed on new inputs copied into the captured ones: the same results as eager calls."""
+    make, fn = GRAPH_CASES[name]
+    static = [t.requires_grad_() for t in make()]
+    grad = None
+
+    def step():
+        out = fn(backend, *static)
+        out.backward(grad)
+        return out
+
+    grad = torch.randn_like(fn(backend, *static))
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up off the capture stream, as torch.cuda.graph asks
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    for t in static:
+        t.grad = None
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step()
+    fresh = make()
+    with torch.no_grad():
+        for t, f in zip(static, fresh):
+            t.copy_(f)
+            t.grad.zero_()
+    graph.replay()
+    torch.cuda.synchronize()
+    eager_inputs = [f.clone().requires_grad_() for f in fresh]
+    expected = fn(backend, *eager_inputs)
+    expected.backward(grad)
+    assert torch.equal(out, expected), f"{name}: replayed output differs"
+    for t, e in zip(static, eager_inputs):
+        assert torch.allclose(t.grad, e.grad, rtol=1e-5, atol=1e-6), f"{name}: replayed gradient differs"
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_patched_vit_replays_in_a_cuda_graph(backend, seed):
+    """Token dropping has static shapes and no host sync, so a patched ViT captures whole in a CUDA graph."""
+    pytest.importorskip("timm")
+    from test_token_drop import small_vit
+
+    model = small_vit().eval()
+    effvit.patch.timm(model, backend=backend, keep_rate=0.7, drop_loc=(1, 3))
+    static = torch.randn(2, 3, 48, 48, device="cuda")
+    with torch.no_grad():
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            model(static)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = model(static)
+        images = torch.randn(2, 3, 48, 48, device="cuda")
+        static.copy_(images)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, model(images))

@@ -89,28 +89,37 @@ __device__ __forceinline__ acc_t feature_grad(acc_t y, int32_t phi) {
 }
 
 // tile[t * stride + c] for t < rows, c < stride: element (t, c) of `base` (t < len, c < cols) through f, 1 in
-// column ones_col (t < len), 0 elsewhere. Threads walk the source in its smaller stride's order.
+// column ones_col (t < len), 0 elsewhere. Threads walk the source in its smaller stride's order, kLoadBatch
+// elements each before storing any: the loads are in flight together (one at a time, a tile of a few thousand
+// elements over a few warps waits out the global-memory latency dozens of times).
+constexpr int kLoadBatch = 8;
 template <typename acc_t, typename src_t, typename F>
 __device__ __forceinline__ void load_tile(const src_t* base, int64_t sn, int64_t sd, bool token_fastest, int32_t len,
                                           int32_t cols, int32_t ones_col, int32_t rows, int32_t stride, acc_t* tile,
                                           const F& f) {
-  const int32_t total = rows * stride;
-  for (int32_t i = threadIdx.x; i < total; i += blockDim.x) {
-    int32_t t, c;
-    if (token_fastest) {
-      c = i / rows, t = i - c * rows;
-    } else {
-      t = i / stride, c = i - t * stride;
-    }
-    acc_t x = 0;
-    if (t < len) {
-      if (c < cols) {
-        x = f(static_cast<acc_t>(base[t * sn + c * sd]));
-      } else if (c == ones_col) {
-        x = 1;
+  const int32_t total = rows * stride, step = static_cast<int32_t>(blockDim.x);
+  for (int32_t i0 = static_cast<int32_t>(threadIdx.x); i0 < total; i0 += kLoadBatch * step) {
+    acc_t x[kLoadBatch];
+    int32_t at[kLoadBatch];  // the element's place in the tile; -1: past the tile
+    bool data[kLoadBatch];   // read from the source (f applies), else the ones column or padding
+#pragma unroll
+    for (int u = 0; u < kLoadBatch; ++u) {
+      const int32_t i = i0 + u * step;
+      int32_t t, c;
+      if (token_fastest) {
+        c = i / rows, t = i - c * rows;
+      } else {
+        t = i / stride, c = i - t * stride;
       }
+      at[u] = i < total ? t * stride + c : -1;
+      data[u] = i < total && t < len && c < cols;
+      x[u] = data[u] ? static_cast<acc_t>(base[t * sn + c * sd])
+                     : (i < total && t < len && c == ones_col ? acc_t(1) : acc_t(0));
     }
-    tile[t * stride + c] = x;
+#pragma unroll
+    for (int u = 0; u < kLoadBatch; ++u) {
+      if (at[u] >= 0) tile[at[u]] = data[u] ? f(x[u]) : x[u];
+    }
   }
 }
 
@@ -154,9 +163,10 @@ inline OuterPlan make_outer_plan(int64_t D, int64_t E, int64_t N, int64_t BH, in
   p.threads = round_up(p.slot_threads * p.groups, 32);
   const int64_t per_token = (p.xs + E) * acc_size;
   p.T = static_cast<int32_t>(std::max<int64_t>(1, std::min<int64_t>(128, kOuterTileBudget / per_token)));
-  // chunks: enough blocks for two per SM, but chunks of at least 4 tiles (each chunk costs a D x E partial)
-  const int64_t want = ceil_div(2 * sms, std::max<int64_t>(1, BH * p.slot_blocks));
-  const int64_t most = std::max<int64_t>(1, ceil_div(N, 4 * int64_t{p.T}));
+  // chunks: enough blocks for four per SM (a block walks its tokens one after another, so blocks are the
+  // parallelism), chunks of at least one tile; each chunk costs a D x E partial, summed by at::sum
+  const int64_t want = ceil_div(4 * sms, std::max<int64_t>(1, BH * p.slot_blocks));
+  const int64_t most = std::max<int64_t>(1, ceil_div(N, int64_t{p.T}));
   const int64_t chunks = std::max<int64_t>(1, std::min(want, most));
   p.chunk_tokens = static_cast<int32_t>(ceil_div(ceil_div(N, chunks), p.T) * p.T);
   p.chunks = static_cast<int32_t>(std::max<int64_t>(1, ceil_div(N, p.chunk_tokens)));
@@ -216,6 +226,7 @@ __global__ void __launch_bounds__(kThreads)
               [](acc_t v) { return v; });
     __syncthreads();
     if (active) {
+#pragma unroll 4
       for (int32_t t = group; t < len; t += p.groups) {
         const acc_t yv = y_tile[t * E + e];
         acc_t xv[kSlotRows];
@@ -631,7 +642,10 @@ void launch_outer(const LinearInputs& in, const Src<const scalar_t>& x, double x
   linear_outer_kernel<scalar_t, y_t, acc_t><<<static_cast<unsigned>(blocks), plan.threads, smem, stream>>>(
       a, x, y, partial.mutable_data_ptr<acc_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  if (plan.chunks > 1) result.view({BH, in.D * E}).copy_(partial.sum(at::IntArrayRef{1}));  // deterministic, chunk order fixed
+  if (plan.chunks > 1) {
+    at::Tensor flat = result.view({BH, in.D * E});
+    at::sum_out(flat, partial, at::IntArrayRef{1});  // deterministic: the same order every run
+  }
 }
 
 std::tuple<at::Tensor, at::Tensor> linear_attention_cuda(const at::Tensor& q, const at::Tensor& k,
