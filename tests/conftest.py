@@ -53,6 +53,11 @@ from effvit import _extension, backends
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 ALL_DTYPES = DTYPES + (torch.float64,)
 
+# float32 means float32 on a GPU too: cuDNN convolutions default to TF32 (a 10-bit mantissa), which turns a last-bit
+# difference before a convolution (timm's LiteMLA projects its attention output with one) into 1e-3 after it
+torch.backends.cudnn.allow_tf32 = False
+torch.backends.cuda.matmul.allow_tf32 = False
+
 # max |out - ref| / max |ref| against a float64 reference, per dtype
 REL_TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 

@@ -210,8 +210,25 @@ def grad_errors(module, reference_module, x, x64, floor: float = 0.1):
     largest = max(p.grad.abs().max().item() for p in reference_module.parameters())
     errors = {"x": rel_error(x.grad, x64.grad)}
     for (name, p), p64 in zip(module.named_parameters(), reference_module.parameters()):
-        errors[name] = rel_error(p.grad, p64.grad, scale=floor * largest)
+        if name == "l_kv.bias":  # its keys' half is a gradient that is 0 by the maths: see KEY_BIAS_SLACK
+            half = p.shape[0] // 2
+            errors["l_kv.bias[k]"] = rel_error(p.grad[:half], p64.grad[:half], scale=floor * largest)
+            errors["l_kv.bias[v]"] = rel_error(p.grad[half:], p64.grad[half:], scale=floor * largest)
+        else:
+            errors[name] = rel_error(p.grad, p64.grad, scale=floor * largest)
     return errors
+
+
+# The keys' bias adds q_i . b to every score of query i, which softmax ignores: its gradient is 0 by the maths and
+# what a float32 backward returns is rounding noise. A flash-style backward rebuilds P from lse = m + log(l), whose
+# rounding (eps * |m|, and a key bias makes m large) is one relative error shared by the whole row of P, so its
+# noise exceeds autograd's (which sums P dP from the very P it has): measured 1.5e-5 / 6.1e-5 on an H100 with the
+# CUDA backend against autograd's 1.4e-6 / 8e-7. A wrong gradient there is off by the size of the others (~1).
+KEY_BIAS_SLACK = 10
+
+
+def grad_bound(name: str, tol: float) -> float:
+    return tol * KEY_BIAS_SLACK if name == "l_kv.bias[k]" else tol
 
 
 @pytest.mark.parametrize("dtype", ALL_DTYPES)
@@ -240,7 +257,7 @@ def test_hilo_matches_official(backend, dtype, trial, seed, poisoned):
     tol = tol * (2 if dtype in HALF else 1)
     if dtype not in HALF:
         for name, err in grad_errors(ours, official, x, x64).items():
-            assert err <= tol, f"grad {name}: relative error {err:.3g} for {case}"
+            assert err <= grad_bound(name, tol), f"grad {name}: relative error {err:.3g} for {case}"
         return
     # half precision: gradients are differences of rounded terms (dS = P (dP - D_i), with D_i = dO . O from the
     # rounded output in the flash-style GPU kernels); they are held to the official module's own error in the same
@@ -269,8 +286,8 @@ HILO_EDGE_CASES = [
                          ids=lambda c: f"{c['H']}x{c['W']}ws{c['ws']}a{c['alpha']}h{c['heads']}")
 def test_hilo_edge_cases_float32(backend, case, seed, poisoned):
     """fp32 within 1e-5 relative of the official module (the issue's bar); gradients within 1e-5, or four times the
-    official module's own float32 error where dim-768 Linears alone round more than that (and where a gradient
-    cancels to ~0 by the maths, as the keys' bias does, only rounding order separates the two)."""
+    official module's own float32 error where dim-768 Linears alone round more than that; the keys' half of l_kv's
+    bias, 0 by the maths, within KEY_BIAS_SLACK times that."""
     official, ours = make_hilo(case, backend, torch.float32)
     official32 = ref.HiLo(ours.dim, case["heads"], case["qkv_bias"], None, 0.0, 0.0, case["ws"], case["alpha"])
     official32.load_state_dict(ours.state_dict())
@@ -286,7 +303,8 @@ def test_hilo_edge_cases_float32(backend, case, seed, poisoned):
     official32.to(DEVICE)(x32, case["H"], case["W"]).backward(grad.float())
     floor = grad_errors(official32, official, x32, x64)
     for name, err in grad_errors(ours, official, x, x64).items():
-        assert err <= max(1e-5, 4 * floor[name]), f"grad {name}: {err:.3g} (official float32: {floor[name]:.3g})"
+        assert err <= max(grad_bound(name, 1e-5), 4 * floor[name]), (
+            f"grad {name}: {err:.3g} (official float32: {floor[name]:.3g})")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
