@@ -131,6 +131,7 @@ def test_window_suite_lists_peers():
     assert out.returncode == 0, out.stderr
     text = out.stdout
     assert "window/core B1 H7 W7 C768 heads24 ws7 shift0 float32" in text
+    assert text.count("window/core B1 H7 W7") == 1, "shift 3 on a map of one window is the shift-0 case"
     for impl in ("eager", "timm-sdpa", "compile"):
         assert f"run   {impl}" in text
     assert "skip  flex" in text or "run   flex" in text
