@@ -115,3 +115,23 @@ def test_compile_auto_backend_follows_process_default(backend):
     with effvit.use_backend(backend):
         out = torch.compile(lambda t: effvit.shift(t, 4), fullgraph=True)(x)
     assert torch.equal(out, effvit.reference.shift_feat(x, 4))
+
+
+def test_triton_launchers_skip_the_op_dispatch_in_eager_only():
+    """The Triton backends call their launchers directly on plain tensors (the custom op's dispatch costs more than
+    a small kernel) and the registered op on the tensors torch traces with."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from effvit.ops import registry
+
+    calls = []
+    fast = registry._eager_fast_path(lambda *a: calls.append("launcher"), lambda *a: calls.append("op"))
+    x = torch.randn(3)
+    fast(None, x, 2)  # the first tensor argument decides
+    with FakeTensorMode() as mode:
+        fast(None, mode.from_tensor(x), 2)
+    assert calls == ["launcher", "op"]
+    table = shift_ops._OP_TABLE.get("triton")
+    if table is not None:  # Triton runs here (a GPU, or the interpreter conftest turns on without one)
+        y = torch.randn(2, 8, 3, 5, device=DEVICE)
+        assert torch.equal(table["shift"](y, 4, False, False), torch.ops.effvit.triton_shift(y, 4, False, False))

@@ -60,7 +60,7 @@ if _triton is not None:
 
 
 registry.register_fakes(_OPS, _FAKES, _triton is not None)
-_OP_TABLE = registry.resolve_ops(_OPS, _triton is not None)
+_OP_TABLE = registry.resolve_ops(_OPS, _triton)
 
 
 def op(backend: str, name: str):

@@ -25,12 +25,31 @@ def register_fakes(ops: tuple[str, ...], fakes: dict[str, Callable], triton: boo
             torch.library.register_fake(f"effvit::triton_{name}")(fakes[name])
 
 
-def resolve_ops(ops: tuple[str, ...], triton: bool) -> dict[str, dict]:
-    """The OpOverloads of each kernel backend, looked up once ("cpu" and "cuda" share the C++ op; calling .default
-    skips the packet's overload resolution, a microsecond a call)."""
+def _eager_fast_path(launcher: Callable, op: Callable) -> Callable:
+    """The Triton launcher itself on plain tensors in eager mode, the registered custom op wherever torch traces
+    (torch.compile's fake and functional tensors, export). The op's Python dispatch costs 10-25 µs a call, as much
+    as a small kernel's whole GPU time; the launcher computes the same thing (the op's body is that call)."""
+    def call(*args):
+        if not torch.compiler.is_compiling():
+            for a in args:
+                if isinstance(a, torch.Tensor):
+                    if type(a) is torch.Tensor:
+                        return launcher(*args)
+                    break
+        return op(*args)
+
+    return call
+
+
+def resolve_ops(ops: tuple[str, ...], triton_module=None) -> dict[str, dict]:
+    """The kernels of each kernel backend, looked up once ("cpu" and "cuda" share the C++ op; calling .default
+    skips the packet's overload resolution, a microsecond a call). triton_module: the family's launchers
+    (effvit.triton_kernels.<family>, one function per op, named as the op), or None without Triton."""
     table: dict[str, dict] = {}
     if _has_cpp_ops(ops):
         table["cpu"] = table["cuda"] = {name: getattr(torch.ops.effvit, name).default for name in ops}
-    if triton:
-        table["triton"] = {name: getattr(torch.ops.effvit, f"triton_{name}").default for name in ops}
+    if triton_module is not None:
+        table["triton"] = {name: _eager_fast_path(getattr(triton_module, name),
+                                                  getattr(torch.ops.effvit, f"triton_{name}").default)
+                           for name in ops}
     return table

@@ -4,7 +4,8 @@ Kernels: ``to_acc`` (loaded values to the accumulation type), ``matmul`` (a @ b 
 multiply: tl.dot, or a broadcast-multiply-sum for float64 when FP64_TL_DOT is False, bf16 emulated under the
 interpreter), ``acc_scale`` (the softmax scale back from its fp32 hi + lo split) and NEG_FILL (the finite
 logit of masked keys). Launchers: ``acc_dtypes``, ``on_device``, ``dot_config`` (the DOT / PREC / EMULATE /
-FMA constexprs that ``matmul`` takes) and ``split_scale``.
+FMA constexprs that ``matmul`` takes), ``split_scale``, and ``cdiv`` / ``next_power_of_2`` (plain-Python launch
+arithmetic).
 
 FP64_TL_DOT is the one switch for every family's float64 matmuls: set ``common.FP64_TL_DOT = False`` (read
 by ``dot_config`` at each launch) should a GPU's tl.dot reject float64.
@@ -56,6 +57,17 @@ def acc_scale(scale_hi, scale_lo, ACC: tl.constexpr):
         return tl.cast(scale_hi, tl.float64) + tl.cast(scale_lo, tl.float64)
     else:
         return scale_hi
+
+
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for launch arithmetic. triton.cdiv and triton.next_power_of_2 are constexpr functions: a call
+    from Python unwraps its arguments and costs ~5 µs, and the launchers made ten of them a call."""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """The smallest power of two >= n (1 for n <= 1), as triton.next_power_of_2 for n >= 1, without its cost."""
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()
 
 
 def acc_dtypes(dtype: torch.dtype):

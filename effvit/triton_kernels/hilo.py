@@ -42,7 +42,7 @@ import torch
 import triton
 import triton.language as tl
 
-from effvit.triton_kernels.common import (NEG_FILL, acc_dtypes, acc_scale, dot_config, matmul,
+from effvit.triton_kernels.common import (NEG_FILL, acc_dtypes, acc_scale, cdiv, dot_config, matmul, next_power_of_2,
                                           on_device, split_scale, to_acc)
 
 # lse read for queries past N: exp(S - LSE_FILL) underflows to 0, so those rows of P (and dS) vanish
@@ -226,9 +226,9 @@ def _tiles(n: int, m: int, head_dim: int, dtype: torch.dtype) -> tuple[dict, dic
     8 warps from head_dim > 32 (at 4 warps the 64-wide tiles reach 255 registers and spill).
     fp32 (ieee) and float64 dots lower to FMA loops whose operands sit in shared memory and registers, so
     they take small tiles, as window.py's do."""
-    bd = triton.next_power_of_2(max(head_dim, 16))
-    bm = lambda cap: min(cap, triton.next_power_of_2(max(n, 16)))  # noqa: E731
-    bn = lambda cap: min(cap, triton.next_power_of_2(max(m, 16)))  # noqa: E731
+    bd = next_power_of_2(max(head_dim, 16))
+    bm = lambda cap: min(cap, next_power_of_2(max(n, 16)))  # noqa: E731
+    bn = lambda cap: min(cap, next_power_of_2(max(m, 16)))  # noqa: E731
     warps = 4 if bd <= 32 else 8
     if dtype in (torch.float16, torch.bfloat16):
         wide = bd > 64
@@ -266,7 +266,7 @@ def _lofi_attention(q, kv, num_heads, scale):
     q, kv = _channels_contiguous(q), _channels_contiguous(kv)
     tiles, _, _ = _tiles(N, M, head_dim, q.dtype)
     hi, lo = split_scale(scale)
-    _lofi_fwd_kernel[(B * num_heads * triton.cdiv(N, tiles["BLOCK_M"]),)](
+    _lofi_fwd_kernel[(B * num_heads * cdiv(N, tiles["BLOCK_M"]),)](
         q, kv, out, lse, N, M, num_heads, q.stride(0), q.stride(1), kv.stride(0), kv.stride(1), hi, lo,
         HEAD_DIM=head_dim, **tiles, **dot_config(q.dtype, q.is_cuda), ACC=acc_tl)
     return out, lse
@@ -299,8 +299,8 @@ def _lofi_attention_backward(grad_out, q, kv, out, lse, num_heads, scale):
     common = (N, M, num_heads, q.stride(0), q.stride(1), kv.stride(0), kv.stride(1), hi, lo)
     consts = dict(HEAD_DIM=head_dim, **dot_config(q.dtype, q.is_cuda), ACC=acc_tl)
     # the dq kernel writes delta, which the dk / dv kernel reads (same stream: in order)
-    _lofi_bwd_dq_kernel[(B * num_heads * triton.cdiv(N, dq_tiles["BLOCK_M"]),)](
+    _lofi_bwd_dq_kernel[(B * num_heads * cdiv(N, dq_tiles["BLOCK_M"]),)](
         grad_out, q, kv, out, lse, delta, grad_q, *common, **dq_tiles, **consts)
-    _lofi_bwd_dkdv_kernel[(B * num_heads * triton.cdiv(M, dkdv_tiles["BLOCK_N"]),)](
+    _lofi_bwd_dkdv_kernel[(B * num_heads * cdiv(M, dkdv_tiles["BLOCK_N"]),)](
         grad_out, q, kv, lse, delta, grad_kv, *common, **dkdv_tiles, **consts)
     return grad_q, grad_kv

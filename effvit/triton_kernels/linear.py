@@ -48,7 +48,8 @@ import triton
 import triton.language as tl
 
 from effvit.ops.layout import empty_like_layout
-from effvit.triton_kernels.common import acc_dtypes, acc_scale, dot_config, matmul, on_device, split_scale, to_acc
+from effvit.triton_kernels.common import (acc_dtypes, acc_scale, cdiv, dot_config, matmul, next_power_of_2, on_device,
+                                          split_scale, to_acc)
 
 FEATURE_MAPS = {"identity": 0, "relu": 1, "elu+1": 2}   # as csrc/common/linear_checks.h's FeatureMap
 CPU_SMS = 2   # SM count the chunking assumes for CPU tensors (TRITON_INTERPRET=1), so small tests get chunks
@@ -284,14 +285,14 @@ def _tiles(n: int, D: int, Dv: int, dtype: torch.dtype) -> dict:
     and heads > 64 take one stage (no load pipelining: the shared memory would pass the 227 KB of sm_90);
     fp32 (ieee) and float64 dots are FMA loops, which take smaller token blocks. Chosen from offline sm_90
     compiles (ptxas registers, spills, shared memory), not from timings."""
-    bd = triton.next_power_of_2(max(D, 16))
-    bv = triton.next_power_of_2(max(Dv, 16))
+    bd = next_power_of_2(max(D, 16))
+    bv = next_power_of_2(max(Dv, 16))
     width = max(bd, bv)
     if dtype in (torch.float16, torch.bfloat16) and width <= 64:   # see _config
         cap = {16: 64, 32: 64, 64: 32}[width]
     else:
         cap = 32 if width <= 32 else 16
-    return dict(BLOCK_N=min(cap, triton.next_power_of_2(max(n, 16))), BLOCK_D=bd, BLOCK_V=bv,
+    return dict(BLOCK_N=min(cap, next_power_of_2(max(n, 16))), BLOCK_D=bd, BLOCK_V=bv,
                 num_warps=4 if width <= 32 else 8, num_stages=2 if width <= 64 else 1)
 
 
@@ -301,12 +302,12 @@ def _chunking(BH: int, N: int, D: int, Dv: int, block_n: int, dtype: torch.dtype
     ((D + Dv) * itemsize bytes a token) 16 times its partial state's (written and read back: 8 D Dv bytes
     in fp32), so the partials never dominate; one chunk when BH alone fills the GPU or N is small."""
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else CPU_SMS
-    blocks = triton.cdiv(N, block_n)
+    blocks = cdiv(N, block_n)
     acc_size = 8 if dtype == torch.float64 else 4
-    min_blocks = triton.cdiv(triton.cdiv(16 * 2 * acc_size * D * Dv, (D + Dv) * dtype.itemsize), block_n)
-    chunks = min(triton.cdiv(blocks, min_blocks), max(1, triton.cdiv(4 * sms, BH)))
-    chunk_len = triton.cdiv(blocks, max(chunks, 1)) * block_n
-    return triton.cdiv(N, chunk_len), chunk_len
+    min_blocks = cdiv(cdiv(16 * 2 * acc_size * D * Dv, (D + Dv) * dtype.itemsize), block_n)
+    chunks = min(cdiv(blocks, min_blocks), max(1, cdiv(4 * sms, BH)))
+    chunk_len = cdiv(blocks, max(chunks, 1)) * block_n
+    return cdiv(N, chunk_len), chunk_len
 
 
 def _config(q: torch.Tensor, feature_map: str, D: int, Dv: int) -> dict:

@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from effvit.triton_kernels.common import acc_dtypes, on_device, to_acc
+from effvit.triton_kernels.common import acc_dtypes, cdiv, on_device, to_acc
 
 BLOCK = 1024
 
@@ -156,7 +156,7 @@ def _channel_inner(out_bchw: torch.Tensor) -> bool:
 
 def _grid(t_bchw: torch.Tensor) -> tuple[int, int]:
     B = t_bchw.shape[0]
-    return triton.cdiv(t_bchw.numel() // B, BLOCK), B
+    return cdiv(t_bchw.numel() // B, BLOCK), B
 
 
 def shift(x: torch.Tensor, n_div: int, nhwc: bool = False, reverse: bool = False) -> torch.Tensor:

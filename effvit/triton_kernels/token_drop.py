@@ -70,7 +70,7 @@ import torch
 import triton
 import triton.language as tl
 
-from effvit.triton_kernels.common import acc_dtypes, acc_scale, on_device, split_scale, to_acc
+from effvit.triton_kernels.common import acc_dtypes, acc_scale, cdiv, next_power_of_2, on_device, split_scale, to_acc
 
 CPU_SMS = 2            # SM count the chunking assumes for CPU tensors (TRITON_INTERPRET=1)
 MIN_CHUNK_BLOCKS = 8   # a token chunk of _drop_kernel spans at least this many BLOCK_R-row blocks
@@ -406,9 +406,9 @@ def _drop_bwd_kernel(go_ptr, x_ptr, s_ptr, src_ptr, gx_ptr, gs_ptr, N, C, P, K,
 def _cls_tiles(N: int, D: int, dtype: torch.dtype) -> dict:
     """A whole head per tile (BLOCK_D); BLOCK_N keys, the tile at most 4096 values (2048 in float64),
     shrunk to small N. The kernels are memory bound: 4 warps."""
-    bd = triton.next_power_of_2(max(D, 1))
+    bd = next_power_of_2(max(D, 1))
     cap = (2048 if dtype == torch.float64 else 4096) // bd
-    bn = max(1, min(64, cap, triton.next_power_of_2(max(N, 16))))
+    bn = max(1, min(64, cap, next_power_of_2(max(N, 16))))
     return dict(BLOCK_N=bn, BLOCK_D=bd, num_warps=4)
 
 
@@ -431,8 +431,8 @@ def _cls_attention_scores(q, k, scale, P):
     tiles = _cls_tiles(N, D, q.dtype)
     _cls_logits_kernel[(B * H,)](q, k, logits, stat, lse, N, H, P, *q.stride(), *k.stride(), *split_scale(scale),
                                  D=D, **tiles, ACC=acc_tl)
-    block_m = min(256, triton.next_power_of_2(max(M, 16)))
-    _cls_mean_kernel[(B, triton.cdiv(M, block_m))](logits, stat, scores, M, H, BLOCK_M=block_m, num_warps=4)
+    block_m = min(256, next_power_of_2(max(M, 16)))
+    _cls_mean_kernel[(B, cdiv(M, block_m))](logits, stat, scores, M, H, BLOCK_M=block_m, num_warps=4)
     return scores, lse
 
 
@@ -457,7 +457,7 @@ def _cls_attention_scores_backward(grad_scores, q, k, lse, scale, P):
     hi, lo = split_scale(scale)
     _cls_bwd_q_kernel[(B * H,)](grad_scores, q, k, lse, p, delta, grad_q, N, H, P, *grad_scores.stride(),
                                 *q.stride(), *k.stride(), hi, lo, D=D, **tiles, ACC=acc_tl)
-    _cls_bwd_k_kernel[(B * H, triton.cdiv(N, tiles["BLOCK_N"]))](
+    _cls_bwd_k_kernel[(B * H, cdiv(N, tiles["BLOCK_N"]))](
         grad_scores, q, p, delta, grad_k, N, H, P, *grad_scores.stride(), *q.stride(), hi, lo,
         D=D, **tiles, ACC=acc_tl)
     return grad_q, grad_k
@@ -468,12 +468,12 @@ def _drop_tiles(C: int, dtype: torch.dtype) -> dict:
     offline sm_90 compiles (ptxas registers and spills), not from timings: 32-row tiles, or the backward's
     grad_x and grad_scores in one channel loop, pass 200 registers (and spill at 32 rows)."""
     cap = 64 if dtype == torch.float64 else 128
-    return dict(BLOCK_R=16, BLOCK_C=min(cap, triton.next_power_of_2(max(C, 1))), num_warps=4)
+    return dict(BLOCK_R=16, BLOCK_C=min(cap, next_power_of_2(max(C, 1))), num_warps=4)
 
 
 def _rank_tiles(M: int) -> dict:
     """[BLOCK_J, BLOCK_I] compare tiles of up to 64 x 64, shrunk to small M."""
-    side = min(64, triton.next_power_of_2(max(M, 16)))
+    side = min(64, next_power_of_2(max(M, 16)))
     return dict(BLOCK_J=side, BLOCK_I=side, num_warps=4)
 
 
@@ -482,10 +482,10 @@ def _chunking(B: int, cblocks: int, M: int, block_r: int, device) -> tuple[int, 
     SM, each chunk at least MIN_CHUNK_BLOCKS row blocks long (chunk_len a multiple of block_r); one chunk
     when B * cblocks alone fills the GPU or M is small."""
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else CPU_SMS
-    blocks = triton.cdiv(M, block_r)
-    chunks = max(1, min(triton.cdiv(blocks, MIN_CHUNK_BLOCKS), triton.cdiv(4 * sms, B * cblocks)))
-    chunk_len = triton.cdiv(blocks, chunks) * block_r
-    return triton.cdiv(M, chunk_len), chunk_len
+    blocks = cdiv(M, block_r)
+    chunks = max(1, min(cdiv(blocks, MIN_CHUNK_BLOCKS), cdiv(4 * sms, B * cblocks)))
+    chunk_len = cdiv(blocks, chunks) * block_r
+    return cdiv(M, chunk_len), chunk_len
 
 
 def drop_tokens(x: torch.Tensor, scores: torch.Tensor, keep: int, num_prefix: int, fuse: bool,
@@ -506,10 +506,10 @@ def _drop_tokens(x, scores, K, P, fuse, spatial):
         return out, index
     slot = torch.empty((B, M), dtype=torch.int32, device=x.device)
     rt = _rank_tiles(M)
-    _rank_kernel[(B, triton.cdiv(M, rt["BLOCK_J"]))](scores, slot, index, M, K, *scores.stride(),
+    _rank_kernel[(B, cdiv(M, rt["BLOCK_J"]))](scores, slot, index, M, K, *scores.stride(),
                                                      **rt, SPATIAL=spatial, SACC=sacc_tl)
     tiles = _drop_tiles(C, x.dtype)
-    cblocks = max(1, triton.cdiv(C, tiles["BLOCK_C"]))   # C == 0: one program per chunk still writes index
+    cblocks = max(1, cdiv(C, tiles["BLOCK_C"]))   # C == 0: one program per chunk still writes index
     chunks, chunk_len = _chunking(B, cblocks, M, tiles["BLOCK_R"], x.device)
     chunked = fuse and chunks > 1
     part = torch.empty((B, chunks, C) if chunked else (0,), dtype=acc_torch, device=x.device)
@@ -539,11 +539,11 @@ def _drop_tokens_backward(grad_out, x, scores, index, P, fuse):
         return grad_x, grad_scores
     src = torch.full((B, M), -1, dtype=torch.int32, device=x.device)
     if K > 0:
-        block = min(256, triton.next_power_of_2(max(K, 16)))
-        _inverse_index_kernel[(B, triton.cdiv(K, block))](index, src, M, K, *index.stride(), BLOCK=block,
+        block = min(256, next_power_of_2(max(K, 16)))
+        _inverse_index_kernel[(B, cdiv(K, block))](index, src, M, K, *index.stride(), BLOCK=block,
                                                           num_warps=4)
     tiles = _drop_tiles(C, x.dtype)
-    _drop_bwd_kernel[(B, triton.cdiv(N, tiles["BLOCK_R"]))](
+    _drop_bwd_kernel[(B, cdiv(N, tiles["BLOCK_R"]))](
         grad_out, x, scores, src, grad_x, grad_scores, N, C, P, K, *grad_out.stride(), *x.stride(),
         *scores.stride(), **tiles, FUSE=fuse, ACC=acc_tl)
     return grad_x, grad_scores

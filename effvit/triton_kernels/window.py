@@ -41,7 +41,7 @@ import torch
 import triton
 import triton.language as tl
 
-from effvit.triton_kernels.common import (NEG_FILL, acc_dtypes, acc_scale, dot_config, matmul,
+from effvit.triton_kernels.common import (NEG_FILL, acc_dtypes, acc_scale, cdiv, dot_config, matmul, next_power_of_2,
                                           on_device, split_scale, to_acc)
 
 # (tl.constexpr: compiled kernels may only read globals that are)
@@ -294,8 +294,8 @@ def _tiles(n: int, head_dim: int, dtype: torch.dtype) -> tuple[dict, dict]:
     window of <= 64 tokens is one key chunk unless the head is wide). Sizes chosen from offline sm_90
     compiles (ptxas spills, shared memory), not from timings: fp32 (ieee) and float64 dots lower to FMA
     loops whose operands sit in shared memory and registers, so they take small chunks."""
-    bd = triton.next_power_of_2(max(head_dim, 16))
-    chunk = min(triton.next_power_of_2(max(n, 16)), 64)
+    bd = next_power_of_2(max(head_dim, 16))
+    chunk = min(next_power_of_2(max(n, 16)), 64)
     warps = 4 if chunk * bd <= 1024 else 8
     if dtype in (torch.float16, torch.bfloat16):
         fwd = dict(BLOCK_M=chunk if bd <= 64 else min(chunk, 32), BLOCK_KN=chunk, num_stages=2)
@@ -310,7 +310,7 @@ def _tiles(n: int, head_dim: int, dtype: torch.dtype) -> tuple[dict, dict]:
 def _geometry(qkv: torch.Tensor, num_heads: int, window, shift):
     B, H, W, C3 = qkv.shape
     wh, ww = int(window[0]), int(window[1])
-    nwh, nww = triton.cdiv(H, wh), triton.cdiv(W, ww)
+    nwh, nww = cdiv(H, wh), cdiv(W, ww)
     return dict(B=B, H=H, W=W, C=C3 // 3, head_dim=C3 // (3 * num_heads), wh=wh, ww=ww,
                 sh=int(shift[0]), sw=int(shift[1]), nwh=nwh, nww=nww, Hp=nwh * wh, Wp=nww * ww)
 
