@@ -118,20 +118,32 @@ def test_compile_auto_backend_follows_process_default(backend):
 
 
 def test_triton_launchers_skip_the_op_dispatch_in_eager_only():
-    """The Triton backends call their launchers directly on plain tensors (the custom op's dispatch costs more than
-    a small kernel) and the registered op on the tensors torch traces with."""
+    """The Triton backends call their launchers directly on plain tensors in eager mode (the custom op's dispatch
+    costs more than a small kernel), and the registered op wherever torch records or transforms calls."""
     from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils._python_dispatch import TorchDispatchMode
 
     from effvit.ops import registry
 
     calls = []
     fast = registry._eager_fast_path(lambda *a: calls.append("launcher"), lambda *a: calls.append("op"))
     x = torch.randn(3)
-    fast(None, x, 2)  # the first tensor argument decides
+    fast(None, x, 2)
+    fast(x, torch.nn.Parameter(torch.randn(3)))  # a subclass anywhere: the op (its dispatch may matter)
     with FakeTensorMode() as mode:
         fast(None, mode.from_tensor(x), 2)
-    assert calls == ["launcher", "op"]
+    assert calls == ["launcher", "op", "op"]
+
+    class Recorder(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
     table = shift_ops._OP_TABLE.get("triton")
     if table is not None:  # Triton runs here (a GPU, or the interpreter conftest turns on without one)
         y = torch.randn(2, 8, 3, 5, device=DEVICE)
-        assert torch.equal(table["shift"](y, 4, False, False), torch.ops.effvit.triton_shift(y, 4, False, False))
+        seen = []
+        with Recorder():
+            recorded = table["shift"](y, 4, False, False)
+        assert "effvit.triton_shift.default" in seen, seen  # a dispatch mode sees the op, not its insides
+        assert torch.equal(table["shift"](y, 4, False, False), recorded)

@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from effvit import _extension
 
@@ -26,17 +27,17 @@ def register_fakes(ops: tuple[str, ...], fakes: dict[str, Callable], triton: boo
 
 
 def _eager_fast_path(launcher: Callable, op: Callable) -> Callable:
-    """The Triton launcher itself on plain tensors in eager mode, the registered custom op wherever torch traces
-    (torch.compile's fake and functional tensors, export). The op's Python dispatch costs 10-25 µs a call, as much
-    as a small kernel's whole GPU time; the launcher computes the same thing (the op's body is that call)."""
+    """The Triton launcher itself on plain tensors in plain eager mode, the registered custom op wherever torch
+    records or transforms calls (torch.compile, fake and functional tensors, dispatch modes such as
+    FlopCounterMode or selective checkpointing, torch.jit.trace, vmap / grad, tensor subclasses). The op's Python
+    dispatch costs 10-25 µs a call, as much as a small kernel's whole GPU time; the launcher computes the same
+    thing (the op's body is that call)."""
     def call(*args):
-        if not torch.compiler.is_compiling():
-            for a in args:
-                if isinstance(a, torch.Tensor):
-                    if type(a) is torch.Tensor:
-                        return launcher(*args)
-                    break
-        return op(*args)
+        if (torch.compiler.is_compiling() or torch.jit.is_tracing() or _get_current_dispatch_mode() is not None
+                or torch._C._are_functorch_transforms_active()
+                or any(isinstance(a, torch.Tensor) and type(a) is not torch.Tensor for a in args)):
+            return op(*args)
+        return launcher(*args)
 
     return call
 
