@@ -192,8 +192,8 @@ def test_ops_replay_in_cuda_graphs(name, backend, seed):
     expected = fn(backend, *eager_inputs)
     expected.backward(grad)
     assert torch.equal(out, expected), f"{name}: replayed output differs"
-    for t, e in zip(static, eager_inputs):
-        assert torch.allclose(t.grad, e.grad, rtol=1e-5, atol=1e-6), f"{name}: replayed gradient differs"
+    for t, e in zip(static, eager_inputs):  # (the window backward adds the bias table's gradient with atomics)
+        assert torch.allclose(t.grad, e.grad, rtol=1e-5, atol=1e-5), f"{name}: replayed gradient differs"
 
 
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
