@@ -126,6 +126,14 @@ def test_cuda_without_gpu_exits_2():
     assert out.returncode == 2 and "no CUDA GPU" in out.stderr
 
 
+def test_shapes_of_several_families():
+    """--shape names may come from different --family suites: each family runs its own."""
+    out = _bench("--list", "--family", "shift", "--family", "linear", "--shape", "7x7x768", "--shape", "N196",
+                 "--batch", "1")
+    assert out.returncode == 0, out.stderr
+    assert "shift/shift B1 C768 H7 W7" in out.stdout and "linear/core B1 N196" in out.stdout
+
+
 def test_window_suite_lists_peers():
     out = _bench("--list", "--family", "window", "--shape", "7x7x768", "--batch", "1")
     assert out.returncode == 0, out.stderr

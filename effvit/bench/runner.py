@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import traceback
 from datetime import datetime, timezone
@@ -21,7 +22,13 @@ def collect_cases(families: Iterable[str] | None, opts: SuiteOptions, ops: Itera
     chosen = list(families) if families else list(suites)
     out = []
     for fam in chosen:
-        for case in suites[fam](opts):
+        fam_opts = opts
+        if opts.shapes:  # shapes may name several families' cases: each suite gets its own (or is left out)
+            own = tuple(s for s in opts.shapes if s in cases_mod.shapes(fam))
+            if not own:
+                continue
+            fam_opts = dataclasses.replace(opts, shapes=own)
+        for case in suites[fam](fam_opts):
             if ops and case.op not in ops:
                 continue
             out.append(case)
