@@ -88,6 +88,19 @@ def test_scores_match_reference(backend, dtype, trial, seed, poisoned):
     assert_close_rel(lse, ref.cls_attention_lse(d(q), d(k), scale), dtype, f"lse {case}")
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("strided", [True, False])
+def test_scores_at_vit_shapes(backend, strided, seed, poisoned):
+    """ViT-S's heads (D = 64, N = 197: sixteen-key groups and a remainder), float32: the CPU kernel's path that reads
+    k rows in place sixteen at a time."""
+    case = dict(B=2, H=6, N=197, D=64, P=1, strided=strided)
+    q, k = make_qk(case, torch.float32)
+    scores, lse = td_ops.op(backend, "cls_attention_scores")(q, k, 0.125, 1)
+    expected = ref.cls_attention_scores(d(q), d(k), 0.125, 1)
+    assert_close_rel(scores, expected, torch.float32, "scores", scale=1.0 / 197)
+    assert_close_rel(lse, ref.cls_attention_lse(d(q), d(k), 0.125), torch.float32, "lse")
+
+
 @pytest.mark.parametrize("dtype", ALL_DTYPES)
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("trial", range(2))

@@ -16,6 +16,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <limits>
 #include <numeric>
 #include <type_traits>
 #include <vector>
@@ -63,6 +64,16 @@ EFFVIT_ALWAYS_INLINE void cls_logits(const ClsCall<scalar_t, acc_t>& c, int64_t 
   const scalar_t* q = c.q + b * c.qb + h * c.qh;
   const scalar_t* k = c.k + b * c.kb + h * c.kh;
   for (int64_t d = 0; d < c.D; ++d) q_acc[d] = static_cast<acc_t>(q[d * c.qd]);
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    // float keys read in place, sixteen rows' products in flight at once (a timm ViT's k rows lie 3 C apart in
+    // the qkv output: one row at a time waited on each; ViT-S batch 1: 40 -> 10 µs)
+    if (!keep_keys && c.kd == 1 && c.D == c.Dp && c.kn <= std::numeric_limits<int>::max()) {
+      dot_rows(k, static_cast<int>(c.kn), q_acc, c.Dp, static_cast<int>(c.N), row);
+      for (int64_t j = 0; j < c.N; ++j) row[j] *= c.scale;
+      for (int64_t j = c.N; j < c.Np; ++j) row[j] = static_cast<acc_t>(kMaskedColumn);
+      return;
+    }
+  }
   for (int64_t j = 0; j < c.N; ++j) {
     const scalar_t* kj = k + j * c.kn;
     acc_t* key = keep_keys ? keys + j * c.Dp : keys;
@@ -133,7 +144,8 @@ EFFVIT_ALWAYS_INLINE void cls_backward_body(const ClsCall<scalar_t, acc_t>* call
 EFFVIT_CPU_ISA_VARIANTS(cls_backward_range, cls_backward_body)
 
 // Heads per parallel task: one (b, h) is a few microseconds, and splitting even a batch-1 call over the cores
-// measured faster than one thread (2-core EPYC, ViT-S/B shapes).
+// measured faster than one thread (2-core EPYC, ViT-S/B shapes, inputs not in cache: the two cores' loads
+// overlap; a grain of ~256k multiply-adds, one thread at batch 1, made ViT-B's step 1.5-3x slower).
 constexpr int64_t kHeadsPerTask = 2;
 
 std::tuple<at::Tensor, at::Tensor> cls_attention_scores_cpu(const at::Tensor& q, const at::Tensor& k, double scale,
