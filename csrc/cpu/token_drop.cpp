@@ -16,7 +16,6 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
-#include <limits>
 #include <numeric>
 #include <type_traits>
 #include <vector>
