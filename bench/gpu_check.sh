@@ -4,7 +4,7 @@
 # one telling shape of each family forward and forward+backward. Results land in $OUT (the device tool's output
 # folder) or in bench/results/<gpu>/: commit them.
 #
-#   bash bench/gpu_check.sh                    # build, tests, quick benchmarks: 8-10 minutes on an H100 host
+#   bash bench/gpu_check.sh                    # build, tests, quick benchmarks: 6-10 minutes on an H100 host
 #   bash bench/gpu_check.sh bench-full         # the families' whole GPU suites instead (much longer)
 #   bash bench/gpu_check.sh build tests        # any of: build tests bench bench-full
 #   PYTHON=/path/to/python bash bench/gpu_check.sh

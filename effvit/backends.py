@@ -13,9 +13,10 @@ variable, in that order of precedence. Forcing a backend that cannot serve an in
 ``BackendNotSupported`` listing every backend's reason, the way xformers reports "not supported because".
 
 Each family declares its kernels with ``register_family``: the devices and dtypes each one serves, the
-ops it needs, the order ``auto`` tries them in per device (fastest first, from bench/results), and an
-optional check of shapes. Availability (extension built, CUDA compiled in, Triton importable) is read
-once, when the family registers, so choosing stays cheap and traceable by torch.compile.
+ops it needs, the order ``auto`` tries them in per device (fastest first, from bench/results; a family whose
+fastest backend depends on the input's size gives a ``prefer`` rule), and an optional check of shapes.
+Availability (extension built, CUDA compiled in, Triton importable) is read once, when the family registers,
+so choosing stays cheap and traceable by torch.compile.
 """
 
 from __future__ import annotations
@@ -115,6 +116,16 @@ class Family:
     name: str
     kernels: dict[str, KernelSpec]
     auto_order: dict[str, tuple[str, ...]]  # device type -> backends, fastest first
+    # per input, an order that replaces auto_order's (None: keep it): where the fastest backend depends on size
+    prefer: Callable[..., tuple[str, ...] | None] | None = None
+
+    def order(self, device: str, x: torch.Tensor, *args) -> tuple[str, ...]:
+        """The backends ``auto`` tries for this input, fastest first."""
+        if self.prefer is not None:
+            preferred = self.prefer(device, x, *args)
+            if preferred is not None:
+                return preferred
+        return self.auto_order.get(device, ())
 
     def supports(self, backend: str, x: torch.Tensor, *args, device: str | None = None) -> bool:
         spec = self.kernels.get(backend)
@@ -152,10 +163,12 @@ class Family:
 _FAMILIES: dict[str, Family] = {}
 
 
-def register_family(name: str, kernels: list[KernelSpec], auto_order: dict[str, tuple[str, ...]]) -> Family:
+def register_family(name: str, kernels: list[KernelSpec], auto_order: dict[str, tuple[str, ...]],
+                    prefer: Callable[..., tuple[str, ...] | None] | None = None) -> Family:
+    """prefer(device, x, *args): an order for this input that replaces auto_order[device], or None."""
     for spec in kernels:
         spec.resolve()
-    family = Family(name, {k.backend: k for k in kernels}, auto_order)
+    family = Family(name, {k.backend: k for k in kernels}, auto_order, prefer)
     _FAMILIES[name] = family
     return family
 
@@ -179,7 +192,7 @@ def select(family: str, backend: str | None, x: torch.Tensor, *args) -> str:
     fam = _FAMILIES[family]
     if name == "auto":
         device = _device_type(x)
-        for candidate in fam.auto_order.get(device, ()):
+        for candidate in fam.order(device, x, *args):
             if fam.supports(candidate, x, *args, device=device):
                 return candidate
         return "torch"

@@ -37,7 +37,8 @@ def _auto_choice(family: backends.Family, device: str, dtype: torch.dtype) -> st
     for name in family.auto_order.get(device, ()):
         spec = family.kernels.get(name)
         if spec and not spec.unavailable and device in spec.devices and dtype in spec.dtypes:
-            return name
+            # a family with a size rule (family.prefer) may pick another backend for large inputs
+            return name + (" (small inputs)" if family.prefer is not None and device == "cuda" else "")
     return "torch"
 
 

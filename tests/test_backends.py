@@ -103,3 +103,21 @@ def test_triton_on_cpu_needs_the_interpreter():
                "print(effvit.explain('shift', torch.zeros(1, 8, 2, 2))['triton'])", TRITON_INTERPRET="0")
     assert out.returncode == 0, out.stderr
     assert "TRITON_INTERPRET=1" in out.stdout or "not installed" in out.stdout
+
+
+def test_linear_prefers_triton_for_large_gpu_inputs():
+    # the size rule of effvit/ops/linear.py (Triton's GPU time is a third of CUDA's at large N, its host time
+    # larger); meta tensors stand for CUDA ones here: only shapes and dtypes are read
+    from effvit.ops import linear
+    family = backends.families()["linear"]
+
+    def order(shape, dtype=torch.float32, device="cuda"):
+        return family.order(device, torch.empty(shape, dtype=dtype, device="meta"), shape[3], shape[3])
+
+    rows = linear.TRITON_FROM_ROWS
+    assert order((1, 8, rows // 8 - 1, 32)) == ("cuda", "triton")
+    assert order((1, 8, rows // 8, 32)) == ("triton", "cuda")
+    assert order((64, 8, 784, 32), torch.bfloat16) == ("triton", "cuda")
+    assert order((1, 8, 50176, 32), torch.float64) == ("cuda", "triton")  # Triton's float64 dots are FMA loops
+    assert order((1, 8, 50176, 128)) == ("cuda", "triton")                # untimed there
+    assert order((1, 8, 50176, 32), device="cpu") == ("cpu",)

@@ -3,9 +3,9 @@
 Kernels: ``to_acc`` (loaded values to the accumulation type), ``matmul`` (a @ b as the attention kernels
 multiply: tl.dot, or a broadcast-multiply-sum for float64 when FP64_TL_DOT is False, bf16 emulated under the
 interpreter), ``acc_scale`` (the softmax scale back from its fp32 hi + lo split) and NEG_FILL (the finite
-logit of masked keys). Launchers: ``acc_dtypes``, ``on_device``, ``dot_config`` (the DOT / PREC / EMULATE /
-FMA constexprs that ``matmul`` takes), ``split_scale``, and ``cdiv`` / ``next_power_of_2`` (plain-Python launch
-arithmetic).
+logit of masked keys). Launchers: ``acc_dtypes``, ``on_device``, ``sm_count``, ``dot_config`` (the DOT /
+PREC / EMULATE / FMA constexprs that ``matmul`` takes), ``split_scale``, and ``cdiv`` / ``next_power_of_2``
+(plain-Python launch arithmetic).
 
 FP64_TL_DOT is the one switch for every family's float64 matmuls: set ``common.FP64_TL_DOT = False`` (read
 by ``dot_config`` at each launch) should a GPU's tl.dot reject float64.
@@ -73,6 +73,22 @@ def next_power_of_2(n: int) -> int:
 def acc_dtypes(dtype: torch.dtype):
     """(triton, torch) accumulation dtypes: float64 for float64, else float32."""
     return (tl.float64, torch.float64) if dtype == torch.float64 else (tl.float32, torch.float32)
+
+
+CPU_SMS = 2   # SM count the chunking assumes for CPU tensors (TRITON_INTERPRET=1), so small tests get chunks
+_SM_COUNTS: dict[int, int] = {}
+
+
+def sm_count(device: torch.device) -> int:
+    """Multiprocessors of a CUDA device (CPU_SMS for CPU tensors), read once per device: the properties query
+    costs microseconds of host time on every launch otherwise."""
+    if device.type != "cuda":
+        return CPU_SMS
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    count = _SM_COUNTS.get(index)
+    if count is None:
+        count = _SM_COUNTS[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return count
 
 
 def on_device(t: torch.Tensor):

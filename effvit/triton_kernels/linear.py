@@ -49,10 +49,9 @@ import triton.language as tl
 
 from effvit.ops.layout import empty_like_layout
 from effvit.triton_kernels.common import (acc_dtypes, acc_scale, cdiv, dot_config, matmul, next_power_of_2, on_device,
-                                          split_scale, to_acc)
+                                          sm_count, split_scale, to_acc)
 
 FEATURE_MAPS = {"identity": 0, "relu": 1, "elu+1": 2}   # as csrc/common/linear_checks.h's FeatureMap
-CPU_SMS = 2   # SM count the chunking assumes for CPU tensors (TRITON_INTERPRET=1), so small tests get chunks
 
 
 @triton.jit
@@ -301,7 +300,7 @@ def _chunking(BH: int, N: int, D: int, Dv: int, block_n: int, dtype: torch.dtype
     About 4 programs per SM in all, but a chunk at least as long as makes its k / v traffic
     ((D + Dv) * itemsize bytes a token) 16 times its partial state's (written and read back: 8 D Dv bytes
     in fp32), so the partials never dominate; one chunk when BH alone fills the GPU or N is small."""
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else CPU_SMS
+    sms = sm_count(device)
     blocks = cdiv(N, block_n)
     acc_size = 8 if dtype == torch.float64 else 4
     min_blocks = cdiv(cdiv(16 * 2 * acc_size * D * Dv, (D + Dv) * dtype.itemsize), block_n)

@@ -70,9 +70,9 @@ import torch
 import triton
 import triton.language as tl
 
-from effvit.triton_kernels.common import acc_dtypes, acc_scale, cdiv, next_power_of_2, on_device, split_scale, to_acc
+from effvit.triton_kernels.common import (acc_dtypes, acc_scale, cdiv, next_power_of_2, on_device, sm_count,
+                                          split_scale, to_acc)
 
-CPU_SMS = 2            # SM count the chunking assumes for CPU tensors (TRITON_INTERPRET=1)
 MIN_CHUNK_BLOCKS = 8   # a token chunk of _drop_kernel spans at least this many BLOCK_R-row blocks
 COUNT_BLOCK = 512      # slots read per step when counting the kept rows before a chunk (spatial order)
 
@@ -481,7 +481,7 @@ def _chunking(B: int, cblocks: int, M: int, block_r: int, device) -> tuple[int, 
     """(chunks, chunk_len): the M scored tokens split so that B * cblocks * chunks is about 4 programs per
     SM, each chunk at least MIN_CHUNK_BLOCKS row blocks long (chunk_len a multiple of block_r); one chunk
     when B * cblocks alone fills the GPU or M is small."""
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else CPU_SMS
+    sms = sm_count(device)
     blocks = cdiv(M, block_r)
     chunks = max(1, min(cdiv(blocks, MIN_CHUNK_BLOCKS), cdiv(4 * sms, B * cblocks)))
     chunk_len = cdiv(blocks, chunks) * block_r
