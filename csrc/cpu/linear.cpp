@@ -160,6 +160,24 @@ EFFVIT_ALWAYS_INLINE void gather_heads(const scalar_t* base, int64_t sh, int64_t
   }
 }
 
+// Asks for rows [j0, j0 + n) of `heads` heads (as gather_heads reads them) into L2, a whole block ahead: issued
+// before a block's GEMMs, the next block's rows arrive while they run, where prefetching a few tokens ahead of
+// the gather leaves it waiting on memory.
+template <typename scalar_t>
+EFFVIT_ALWAYS_INLINE void prefetch_block(const scalar_t* base, int64_t sh, int64_t sn, int64_t sd, int heads, int j0,
+                                         int n, int D) {
+  constexpr int kLine = kLineElems<scalar_t>;
+  if (sd == 1) {
+    for (int t = 0; t < n; ++t)
+      for (int hh = 0; hh < heads; ++hh)
+        for (int d = 0; d < D; d += kLine) __builtin_prefetch(base + hh * sh + (j0 + t) * sn + d, 0, 2);
+  } else if (sn == 1) {
+    for (int hh = 0; hh < heads; ++hh)
+      for (int d = 0; d < D; ++d)
+        for (int t = 0; t < n; t += kLine) __builtin_prefetch(base + hh * sh + d * sd + j0 + t, 0, 2);
+  }
+}
+
 template <typename scalar_t, typename acc_t>
 EFFVIT_ALWAYS_INLINE void split_task(const LinearCall<scalar_t, acc_t>& c, const HeadSplit& split, int64_t t, int* b,
                                      int* j_begin, int* j_end, int* h0, int* heads) {
@@ -196,6 +214,11 @@ EFFVIT_ALWAYS_INLINE void state_body(const LinearCall<scalar_t, acc_t>* call, ac
                    c.Dp, kTokens, c.N, c.phi == FeatureMap::kRelu);
       gather_heads(c.v + b * c.vs.b + h0 * c.vs.h, c.vs.h, c.vs.n, c.vs.d, heads, j0, n, c.Dv, acc_t(1), vb.data(),
                    c.Dsp, kTokens, c.N);
+      if (j0 + kTokens < j_end) {
+        const int next = std::min(kTokens, j_end - j0 - kTokens);
+        prefetch_block(c.k + b * c.ks.b + h0 * c.ks.h, c.ks.h, c.ks.n, c.ks.d, heads, j0 + kTokens, next, c.D);
+        prefetch_block(c.v + b * c.vs.b + h0 * c.vs.h, c.vs.h, c.vs.n, c.vs.d, heads, j0 + kTokens, next, c.Dv);
+      }
       for (int hh = 0; hh < heads; ++hh) {
         acc_t* kh = kb.data() + hh * kb_size;
         acc_t* out = parts + hh * part;
@@ -229,6 +252,9 @@ EFFVIT_ALWAYS_INLINE void output_body(const LinearCall<scalar_t, acc_t>* call, c
       const int n = std::min(kTokens, j_end - j0);
       gather_heads(c.q + b * c.qs.b + h0 * c.qs.h, c.qs.h, c.qs.n, c.qs.d, heads, j0, n, c.D, c.q_scale, qb.data(),
                    c.Dp, kTokens, c.N, c.phi == FeatureMap::kRelu);
+      if (j0 + kTokens < j_end)
+        prefetch_block(c.q + b * c.qs.b + h0 * c.qs.h, c.qs.h, c.qs.n, c.qs.d, heads, j0 + kTokens,
+                       std::min(kTokens, j_end - j0 - kTokens), c.D);
       for (int hh = 0; hh < heads; ++hh) {
         const int h = h0 + hh;
         const int64_t bh = int64_t{b} * c.H + h;
