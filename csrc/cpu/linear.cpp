@@ -305,6 +305,11 @@ EFFVIT_ALWAYS_INLINE void query_grad_body(const LinearCall<scalar_t, acc_t>* cal
       apply_phi(a.data(), c.Dp, n, c.D, c.phi);
       gemm_nn(a.data(), c.Dp, st, c.Dvp, nd.data(), c.Dvp, n4, c.D, c.Dvp);
       gather_rows(grad_out + b * gs.b + h * gs.h, gs.n, gs.d, j0, n, c.Dv, acc_t(1), g.data(), c.Dvp, kTokens);
+      if (j0 + kTokens < last) {
+        const int next = std::min(kTokens, last - j0 - kTokens);
+        prefetch_block(c.q + b * c.qs.b + h * c.qs.h, 0, c.qs.n, c.qs.d, 1, j0 + kTokens, next, c.D);
+        prefetch_block(grad_out + b * gs.b + h * gs.h, 0, gs.n, gs.d, 1, j0 + kTokens, next, c.Dv);
+      }
       for (int i = 0; i < n; ++i) {
         acc_t* gi = g.data() + int64_t{i} * c.Dvp;
         const acc_t* ni = nd.data() + int64_t{i} * c.Dvp;
@@ -349,6 +354,13 @@ EFFVIT_ALWAYS_INLINE void key_grad_body(const LinearCall<scalar_t, acc_t>* call,
     apply_phi(kb.data(), c.Dp, n, c.D, c.phi);
     gather_rows(c.v + b * c.vs.b + h * c.vs.h, c.vs.n, c.vs.d, j0, n, c.Dv, acc_t(1), vb.data(), c.Dvp, kTokens);
     for (int i = 0; i < n; ++i) vb[int64_t{i} * c.Dvp + c.Dv] = acc_t(1);
+    if (t + 1 < end) {  // the next task's block, while this one's products run
+      const int64_t nbh = (t + 1) / blocks;
+      const int nj0 = static_cast<int>((t + 1) % blocks) * kTokens, nb = static_cast<int>(nbh / c.H);
+      const int nh = static_cast<int>(nbh % c.H), nn = std::min(kTokens, c.N - nj0);
+      prefetch_block(c.k + nb * c.ks.b + nh * c.ks.h, 0, c.ks.n, c.ks.d, 1, nj0, nn, c.D);
+      prefetch_block(c.v + nb * c.vs.b + nh * c.vs.h, 0, c.vs.n, c.vs.d, 1, nj0, nn, c.Dv);
+    }
     gemm_nn(vb.data(), c.Dvp, grads_t + bh * c.Dvp * c.Dp, c.Dp, db.data(), c.Dp, n4, c.Dv + 1, c.Dp);
     for (int i = 0; i < n; ++i)
       for (int d = 0; d < c.D; ++d)
