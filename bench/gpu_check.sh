@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The one-call GPU check: on a machine with an NVIDIA GPU, build effvit for that GPU, run the tests that use the
 # GPU (the CUDA and Triton kernels against the reference there, CUDA graphs, the patched timm models), and time
-# one telling shape of each family forward and forward+backward. Results land in $OUT (the device tool's output
-# folder) or in bench/results/<gpu>/: commit them.
+# one telling shape of each family forward and forward+backward. Results land in bench/results/<gpu>/, or, with
+# $OUT set (the device tool's output folder, which brings back only a few files), as $OUT/gpu_check_results.tgz
+# next to $OUT/gpu_check.log: unpack under bench/results/<gpu>/ and commit them.
 #
 #   bash bench/gpu_check.sh                    # build, tests, quick benchmarks: 6-10 minutes on an H100 host
 #   bash bench/gpu_check.sh bench-full         # the families' whole GPU suites instead (much longer)
@@ -25,7 +26,13 @@ if [ -z "$gpu" ]; then
   exit 2
 fi
 slug=$(echo "$gpu" | tr 'A-Z' 'a-z' | sed -E 's/[^a-z0-9]+/-/g; s/^-|-$//g')
-dest=${OUT:-bench/results/$slug}
+if [ -n "${OUT:-}" ]; then
+  dest=$(mktemp -d)
+  # on every exit, failed builds included: the results packed for the device tool, and the log beside them
+  trap 'tar czf "$OUT/gpu_check_results.tgz" -C "$dest" . ; cp "$dest/gpu_check.log" "$OUT/" 2>/dev/null' EXIT
+else
+  dest=bench/results/$slug
+fi
 mkdir -p "$dest"
 log() { echo "== $*" | tee -a "$dest/gpu_check.log"; }
 
@@ -95,5 +102,5 @@ if want bench-full; then
 fi
 log "bench exit status $bench_rc after $(( $(date +%s) - start )) s"
 
-echo "results in $dest: $(ls "$dest" | tr '\n' ' ')"
+echo "results in ${OUT:+$OUT/gpu_check_results.tgz, from }$dest: $(ls "$dest" | tr '\n' ' ')"
 [ "$tests_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ]
