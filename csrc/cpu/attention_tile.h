@@ -182,6 +182,80 @@ EFFVIT_ALWAYS_INLINE void store_row(const acc_t* __restrict__ src, scalar_t* __r
   for (int d = 0; d < D; ++d) dst[d] = static_cast<scalar_t>(src[d] * mul);
 }
 
+// dst[c * ldd + r] = src[r * lds + c] for r < rows, c < cols (a K block into K^T for the logits GEMM).
+// With AVX-512, float moves in 16 x 16 blocks, each row of a block one vector, through four rounds of two-vector
+// shuffles (round b swaps the off-diagonal b x b sub-blocks of every 2b x 2b block): ~6 instructions per 16
+// elements instead of ~8 per element of the scalar copy. That path rounds rows and cols up to multiples of 16:
+// the source must be readable, and the destination writable, that far (zero padding transposes to zero padding).
+template <typename acc_t>
+EFFVIT_ALWAYS_INLINE void transpose(const acc_t* __restrict__ src, int lds, acc_t* __restrict__ dst, int ldd,
+                                    int rows, int cols) {
+  if constexpr (std::is_same_v<acc_t, float>) {
+    if (running_isa == cpu::CpuIsa::kAvx512) {
+      using V = Vec<float>::type;
+      using I = int32_t __attribute__((vector_size(64)));
+      // lanes [c * 2b, c * 2b + b) of the low result take the first b lanes of chunk c of each input, the high
+      // result the last b; chunk lanes of the second input are 16 further in the shuffle's index space
+      static constexpr I lo8 = {0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23};
+      static constexpr I hi8 = {8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31};
+      static constexpr I lo4 = {0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27};
+      static constexpr I hi4 = {4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31};
+      static constexpr I lo2 = {0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29};
+      static constexpr I hi2 = {2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31};
+      static constexpr I lo1 = {0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30};
+      static constexpr I hi1 = {1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31};
+      for (int r0 = 0; r0 < rows; r0 += 16) {
+        for (int c0 = 0; c0 < cols; c0 += 16) {
+          V m[16];
+          for (int r = 0; r < 16; ++r) m[r] = vload<V>(src + int64_t{r0 + r} * lds + c0);
+          auto round = [&m](int b, const I& lo, const I& hi) {
+            for (int r = 0; r < 16; ++r) {
+              if (r & b) continue;
+              const V a = m[r], c = m[r + b];
+              m[r] = __builtin_shuffle(a, c, lo);
+              m[r + b] = __builtin_shuffle(a, c, hi);
+            }
+          };
+          round(8, lo8, hi8);
+          round(4, lo4, hi4);
+          round(2, lo2, hi2);
+          round(1, lo1, hi1);
+          for (int c = 0; c < 16; ++c) vstore(dst + int64_t{c0 + c} * ldd + r0, m[c]);
+        }
+      }
+      return;
+    }
+  }
+  for (int c = 0; c < cols; ++c)
+    for (int r = 0; r < rows; ++r) dst[int64_t{c} * ldd + r] = src[int64_t{r} * lds + c];
+}
+
+// Sum and max of a vector's lanes by halving (log2(lanes) dependent steps): a lane-by-lane scalar loop is one
+// chain of lanes - 1 dependent adds, which costs more than the vector work of a short softmax row.
+template <typename V, typename Op>
+EFFVIT_ALWAYS_INLINE auto lane_reduce(const V& v, Op op) {
+  using T = std::remove_cv_t<std::remove_reference_t<decltype(v[0])>>;
+  if constexpr (sizeof(V) == sizeof(T)) {
+    return T(v[0]);
+  } else {
+    using H = typename VecN<sizeof(V) / 2, T>::type;
+    H lo, hi;
+    std::memcpy(&lo, &v, sizeof(H));
+    std::memcpy(&hi, reinterpret_cast<const char*>(&v) + sizeof(H), sizeof(H));
+    return lane_reduce(H(op(lo, hi)), op);
+  }
+}
+
+template <typename V>
+EFFVIT_ALWAYS_INLINE auto lane_sum(const V& v) {
+  return lane_reduce(v, [](auto a, auto b) { return a + b; });
+}
+
+template <typename V>
+EFFVIT_ALWAYS_INLINE auto lane_max(const V& v) {
+  return lane_reduce(v, [](auto a, auto b) { return a > b ? a : b; });
+}
+
 // sum over d < Dp of a[d] * b[d], both zero-padded to Dp (a multiple of the vector width): vector partial sums,
 // since a scalar float sum is one long dependency chain the compiler may not reorder.
 template <typename acc_t>
@@ -190,9 +264,7 @@ EFFVIT_ALWAYS_INLINE acc_t dot_padded(const acc_t* a, const acc_t* b, int Dp) {
   constexpr int L = Vec<acc_t>::lanes;
   V sum = {};
   for (int d = 0; d < Dp; d += L) sum += vload<V>(a + d) * vload<V>(b + d);
-  acc_t total = 0;
-  for (int l = 0; l < L; ++l) total += sum[l];
-  return total;
+  return lane_sum(sum);
 }
 
 // out[i] = sum over d < Dp of A[i * lda + d] * x[d] for i < n (rows and x zero-padded to Dp, a multiple of the
@@ -240,9 +312,7 @@ EFFVIT_ALWAYS_INLINE acc_t row_max_pass(const acc_t* row, int Np) {
     const V x = vload<V>(row + j);
     m = x > m ? x : m;
   }
-  acc_t out = m[0];
-  for (int l = 1; l < L; ++l) out = std::max(out, m[l]);
-  return out;
+  return lane_max(m);
 }
 
 template <typename acc_t>
@@ -272,9 +342,7 @@ EFFVIT_ALWAYS_INLINE acc_t exp_row_pass(acc_t* row, int Np, acc_t shift) {
     vstore(row + j, e);
     sum += e;
   }
-  acc_t total = 0;
-  for (int l = 0; l < L; ++l) total += sum[l];
-  return total;
+  return lane_sum(sum);
 }
 
 template <typename acc_t>

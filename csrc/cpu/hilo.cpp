@@ -65,38 +65,34 @@ EFFVIT_ALWAYS_INLINE LofiTask lofi_task(const LofiCall<scalar_t, acc_t>& c, int6
 // Per-thread buffers.
 template <typename acc_t>
 struct LofiScratch {
-  std::vector<acc_t> kt, v, q, s, o;   // K^T [Dp, Mp], V [Mp, Dp], Q block [rows, Dp], logits [rows, Mp], O block
-  std::vector<acc_t> k, vt, dout, dp, dq, dk, dv, tmp;  // backward only
+  std::vector<acc_t> k, kt, v, q, s, o;  // K [Mp, Dp] and K^T, V [Mp, Dp], Q block [rows, Dp], logits [rows, Mp], O block
+  std::vector<acc_t> vt, dout, dp, dq, dk, dv, tmp;  // backward only
   LofiScratch(int rows, int Mp, int Dp, bool backward)
       : kt(int64_t{Dp} * Mp, 0), v(int64_t{Mp} * Dp, 0), q(int64_t{rows} * Dp, 0), s(int64_t{rows} * Mp, 0),
         o(int64_t{rows} * Dp, 0) {
+    k.assign(int64_t{Mp} * Dp, 0);
     if (!backward) return;
-    for (auto* b : {&k, &dk, &dv, &tmp}) b->assign(int64_t{Mp} * Dp, 0);
+    for (auto* b : {&dk, &dv, &tmp}) b->assign(int64_t{Mp} * Dp, 0);
     vt.assign(int64_t{Dp} * Mp, 0);
     for (auto* b : {&dout, &dq}) b->assign(int64_t{rows} * Dp, 0);
     dp.assign(int64_t{rows} * Mp, 0);
   }
 };
 
-// K (transposed into kt, and row-major into k when asked), V (into v, and transposed into vt when asked) of
-// head h of image b; padded entries stay zero from the allocation (every task writes the same real ones).
+// K (into k, and transposed into kt), V (into v, and transposed into vt when asked) of head h of image b; padded
+// entries stay zero from the allocation (every task writes the same real ones).
 template <typename scalar_t, typename acc_t>
 EFFVIT_ALWAYS_INLINE void gather_kv(const LofiCall<scalar_t, acc_t>& c, const LofiTask& ti, LofiScratch<acc_t>& s,
                                     bool backward) {
   const int D = c.D, Dp = c.Dp, Mp = c.Mp, C = c.C();
   const scalar_t* base = c.kv + ti.b * c.kv_sb + ti.h * D;
-  acc_t* __restrict__ v = s.v.data();
-  acc_t* __restrict__ kt = s.kt.data();
-  // k rows go through the o buffer's first row when the row-major copy is not needed
   for (int j = 0; j < c.M; ++j) {
     const scalar_t* row = base + j * c.kv_sn;
-    acc_t* __restrict__ krow = backward ? s.k.data() + int64_t{j} * Dp : s.o.data();
-    load_row(row, krow, D, acc_t(1));
-    load_row(row + C, v + int64_t{j} * Dp, D, acc_t(1));
-    for (int d = 0; d < D; ++d) kt[int64_t{d} * Mp + j] = krow[d];
-    if (backward)
-      for (int d = 0; d < D; ++d) s.vt[int64_t{d} * Mp + j] = v[int64_t{j} * Dp + d];
+    load_row(row, s.k.data() + int64_t{j} * Dp, D, acc_t(1));
+    load_row(row + C, s.v.data() + int64_t{j} * Dp, D, acc_t(1));
   }
+  transpose(s.k.data(), Dp, s.kt.data(), Mp, c.M, D);
+  if (backward) transpose(s.v.data(), Dp, s.vt.data(), Mp, c.M, D);
 }
 
 // Queries [i0, i0 + n) of the task, times scale, into s.q; rows past n are zero.

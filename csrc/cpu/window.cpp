@@ -131,8 +131,9 @@ struct TokenCursor {
   }
 
   // Requests the head-h runs of `parts` consecutive [C] parts of each token's row in a [B, H, W, parts * C]
-  // tensor (3 for qkv; 1 for the output and its gradient).
-  template <typename scalar_t>
+  // tensor (3 for qkv; 1 for the output and its gradient) into L2: L1 is smaller than one task's buffers, which
+  // would evict them before use. kForWrite asks for the lines in a writable state (the output about to be stored).
+  template <bool kForWrite = false, typename scalar_t>
   EFFVIT_ALWAYS_INLINE static void prefetch(const scalar_t* data, int parts, const WindowGeometry& g, int b,
                                             const int32_t* pix, int h) {
     const int C = g.C(), bytes = g.head_dim * static_cast<int>(sizeof(scalar_t));
@@ -141,7 +142,7 @@ struct TokenCursor {
       if (pix[t] < 0) continue;
       const char* src = reinterpret_cast<const char*>(base + int64_t{pix[t]} * parts * C);
       for (int part = 0; part < parts; ++part)
-        for (int off = 0; off < bytes; off += 64) __builtin_prefetch(src + part * C * sizeof(scalar_t) + off);
+        for (int off = 0; off < bytes; off += 64) __builtin_prefetch(src + part * C * sizeof(scalar_t) + off, kForWrite, 2);
     }
   }
 };
@@ -170,9 +171,7 @@ EFFVIT_ALWAYS_INLINE void gather_window(const WindowCall<scalar_t, acc_t>& c, co
     load_row(src + C, k + t * Dp, D, acc_t(1));
     load_row(src + 2 * C, v + t * Dp, D, acc_t(1));
   }
-  acc_t* __restrict__ kt = s.kt.data();
-  for (int d = 0; d < D; ++d)
-    for (int t = 0; t < g.N; ++t) kt[d * Np + t] = k[t * Dp + d];
+  transpose(k, Dp, s.kt.data(), Np, g.N, D);
 }
 
 // logits = bias + q k^T (+ region mask) in s.s, rows [0, rows).
@@ -215,6 +214,8 @@ EFFVIT_ALWAYS_INLINE void window_forward_body(const WindowCall<scalar_t, acc_t>*
   for (int64_t t = begin; t < end; ++t) {
     const TaskIndex ti = start_task(c, t, end, rows, tokens, s);
     const int32_t* pixel = tokens.pixel.data();
+    if (tokens.ahead_pixel != nullptr)
+      TokenCursor::prefetch<true>(out, 1, g, tokens.ahead_b, tokens.ahead_pixel, tokens.ahead_h);
     for (int i = 0; i < N; ++i) {
       acc_t* row = s.s.data() + i * Np;
       if (pixel[i] < 0) {  // a padding query: cropped, so skip its softmax
@@ -280,8 +281,7 @@ EFFVIT_ALWAYS_INLINE void window_backward_body(const WindowCall<scalar_t, acc_t>
       load_row(out + at, orow, D, acc_t(1));
       delta[i] = dot_padded(dorow, orow, Dp);
     }
-    for (int j = 0; j < N; ++j)
-      for (int d = 0; d < D; ++d) s.vt[d * Np + j] = s.v[j * Dp + d];
+    transpose(s.v.data(), Dp, s.vt.data(), Np, N, D);
     // dV = P^T dO
     gemm_nn<true>(s.s.data(), Np, s.dout.data(), Dp, s.dv.data(), Dp, rows, N, Dp);
     // dS = P * (dO V^T - D_i), over real query rows; dS summed per (head, i, j) for the bias table
