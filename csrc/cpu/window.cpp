@@ -92,9 +92,9 @@ inline bool window_tokens(const WindowGeometry& g, int wy, int wx, int32_t* pixe
 }
 
 // The tokens of the current task's window, and of the next task's when that is another window. Tasks run
-// heads fastest, so a window's tokens are worked out once for all its heads; the next task's q, k and v
-// rows are requested ahead of time (scattered short runs the hardware prefetcher does not follow; the
-// current task's GEMMs hide the wait).
+// heads fastest, so a window's tokens are worked out once for all its heads; the next task's rows are
+// requested ahead of time (scattered short runs the hardware prefetcher does not follow; the current task's
+// work hides the wait).
 struct TokenCursor {
   std::vector<int32_t> pixel, region, next_pixel, next_region;
   int64_t window = -1, next_window = -1;
@@ -127,23 +127,21 @@ struct TokenCursor {
       next_window = (t + 1) / g.heads;
       ahead_pixel = next_pixel.data(), ahead_b = nt.b, ahead_h = nt.h;
     }
-    prefetch(c.qkv, 3, c.g, ahead_b, ahead_pixel, ahead_h);
   }
 
-  // Requests the head-h runs of `parts` consecutive [C] parts of each token's row in a [B, H, W, parts * C]
+  // Requests the next task's run of `parts` consecutive [C] parts of token t's row in a [B, H, W, parts * C]
   // tensor (3 for qkv; 1 for the output and its gradient) into L2: L1 is smaller than one task's buffers, which
-  // would evict them before use. kForWrite asks for the lines in a writable state (the output about to be stored).
+  // would evict the lines before use. Called token by token while the current task works through its rows: a
+  // task's ~300 lines requested at once fill the miss queue, and the prefetches stall. kForWrite asks for the
+  // lines in a writable state (the output about to be stored).
   template <bool kForWrite = false, typename scalar_t>
-  EFFVIT_ALWAYS_INLINE static void prefetch(const scalar_t* data, int parts, const WindowGeometry& g, int b,
-                                            const int32_t* pix, int h) {
+  EFFVIT_ALWAYS_INLINE void prefetch_ahead(const scalar_t* data, int parts, const WindowGeometry& g, int t) const {
+    if (ahead_pixel == nullptr || ahead_pixel[t] < 0) return;
     const int C = g.C(), bytes = g.head_dim * static_cast<int>(sizeof(scalar_t));
-    const scalar_t* base = data + int64_t{b} * g.H * g.W * parts * C + h * g.head_dim;
-    for (int t = 0; t < g.N; ++t) {
-      if (pix[t] < 0) continue;
-      const char* src = reinterpret_cast<const char*>(base + int64_t{pix[t]} * parts * C);
-      for (int part = 0; part < parts; ++part)
-        for (int off = 0; off < bytes; off += 64) __builtin_prefetch(src + part * C * sizeof(scalar_t) + off, kForWrite, 2);
-    }
+    const char* src = reinterpret_cast<const char*>(
+        data + (int64_t{ahead_b} * g.H * g.W + ahead_pixel[t]) * parts * C + ahead_h * g.head_dim);
+    for (int part = 0; part < parts; ++part)
+      for (int off = 0; off < bytes; off += 64) __builtin_prefetch(src + part * C * sizeof(scalar_t) + off, kForWrite, 2);
   }
 };
 
@@ -214,9 +212,9 @@ EFFVIT_ALWAYS_INLINE void window_forward_body(const WindowCall<scalar_t, acc_t>*
   for (int64_t t = begin; t < end; ++t) {
     const TaskIndex ti = start_task(c, t, end, rows, tokens, s);
     const int32_t* pixel = tokens.pixel.data();
-    if (tokens.ahead_pixel != nullptr)
-      TokenCursor::prefetch<true>(out, 1, g, tokens.ahead_b, tokens.ahead_pixel, tokens.ahead_h);
     for (int i = 0; i < N; ++i) {
+      tokens.prefetch_ahead(c.qkv, 3, g, i);
+      tokens.prefetch_ahead<true>(out, 1, g, i);
       acc_t* row = s.s.data() + i * Np;
       if (pixel[i] < 0) {  // a padding query: cropped, so skip its softmax
         std::fill(row, row + Np, acc_t(0));
@@ -259,13 +257,13 @@ EFFVIT_ALWAYS_INLINE void window_backward_body(const WindowCall<scalar_t, acc_t>
   for (int64_t t = begin; t < end; ++t) {
     const TaskIndex ti = start_task(c, t, end, rows, tokens, s);
     const int32_t* pixel = tokens.pixel.data();
-    if (tokens.ahead_pixel != nullptr) {
-      TokenCursor::prefetch(out, 1, g, tokens.ahead_b, tokens.ahead_pixel, tokens.ahead_h);
-      TokenCursor::prefetch(grad_out, 1, g, tokens.ahead_b, tokens.ahead_pixel, tokens.ahead_h);
-    }
     const int64_t head_base = (int64_t{ti.b} * g.heads + ti.h) * HW;
     // P from the saved log-sum-exp; dO, D_i = dO_i . O_i; V^T for dP = dO V^T
     for (int i = 0; i < N; ++i) {
+      tokens.prefetch_ahead(c.qkv, 3, g, i);
+      tokens.prefetch_ahead(out, 1, g, i);
+      tokens.prefetch_ahead(grad_out, 1, g, i);
+      tokens.prefetch_ahead<true>(grad_qkv, 3, g, i);
       acc_t* prow = s.s.data() + i * Np;
       acc_t* dorow = s.dout.data() + i * Dp;
       if (pixel[i] < 0) {
