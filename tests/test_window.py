@@ -127,6 +127,12 @@ EDGE_CASES = [
     dict(B=1, H=16, W=16, heads=1, head_dim=128, window=(16, 16), shift=(8, 8), table=True, pad=True),
     # window 2, head_dim not a multiple of 16
     dict(B=3, H=5, W=3, heads=4, head_dim=20, window=(2, 2), shift=(1, 1), table=True, pad=True),
+    # 18 and 50 keys: the CPU forward's logit GEMM stops at 16 and 48 columns and takes the last two a column at
+    # a time (ws 7's 49 keys, one left over, are in every Swin case)
+    dict(B=2, H=7, W=13, heads=2, head_dim=16, window=(3, 6), shift=(1, 2), table=True, pad=True),
+    dict(B=1, H=12, W=10, heads=2, head_dim=32, window=(5, 10), shift=(2, 0), table=True, pad=False),
+    # 16 keys: the GEMM's columns are exactly the keys
+    dict(B=1, H=9, W=8, heads=3, head_dim=16, window=(4, 4), shift=(2, 2), table=False, pad=True),
 ]
 
 

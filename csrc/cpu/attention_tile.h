@@ -75,7 +75,8 @@ EFFVIT_ALWAYS_INLINE void gemm_pass(const acc_t* __restrict__ A, int lda, const 
   constexpr int L = VecN<kBytes, acc_t>::lanes;
   for (int i = 0; i < M; i += kRows) {
     const acc_t* a0 = A + i * lda;
-    for (int jb = 0; jb < Ncols; jb += 2 * L) {
+    int jb = 0;
+    for (; jb + 2 * L <= Ncols; jb += 2 * L) {
       V c00 = {}, c10 = {}, c20 = {}, c30 = {}, c01 = {}, c11 = {}, c21 = {}, c31 = {};
       if (kStart != Start::kZero) {
         const acc_t* c0 = (kStart == Start::kInit ? init : C) + i * ldc + jb;
@@ -108,6 +109,27 @@ EFFVIT_ALWAYS_INLINE void gemm_pass(const acc_t* __restrict__ A, int lda, const 
       vstore(c + 3 * ldc, c30);
       vstore(c + 3 * ldc + L, c31);
     }
+    if (jb < Ncols) {  // one vector of columns left: four accumulators
+      V c0 = {}, c1 = {}, c2 = {}, c3 = {};
+      if (kStart != Start::kZero) {
+        const acc_t* s0 = (kStart == Start::kInit ? init : C) + i * ldc + jb;
+        c0 = vload<V>(s0), c1 = vload<V>(s0 + ldc), c2 = vload<V>(s0 + 2 * ldc), c3 = vload<V>(s0 + 3 * ldc);
+      }
+      for (int k = 0; k < K; ++k) {
+        const V b0 = vload<V>(B + k * ldb + jb);
+        const acc_t* a = kTransA ? A + k * lda + i : a0 + k;
+        const int step = kTransA ? 1 : lda;
+        c0 += a[0] * b0;
+        c1 += a[step] * b0;
+        c2 += a[2 * step] * b0;
+        c3 += a[3 * step] * b0;
+      }
+      acc_t* c = C + i * ldc + jb;
+      vstore(c, c0);
+      vstore(c + ldc, c1);
+      vstore(c + 2 * ldc, c2);
+      vstore(c + 3 * ldc, c3);
+    }
   }
 }
 
@@ -122,7 +144,7 @@ EFFVIT_ALWAYS_INLINE void gemm_dispatch(const acc_t* __restrict__ A, int lda, co
   }
 }
 
-// C[M x Ncols] = A[M x K] @ B[K x Ncols]; M a multiple of kRows, Ncols of kPad.
+// C[M x Ncols] = A[M x K] @ B[K x Ncols]; M a multiple of kRows, Ncols of 16 (the widest vector's floats).
 // With `init`, C = init + A @ B (init laid out like C): the logits start from the bias. With kTransA, A is
 // stored transposed ([K x M], row-major), which spares transposing P and dS in the backward.
 // With kAccumulate, C += A @ B (C read first; init unused).

@@ -38,6 +38,7 @@ template <typename scalar_t, typename acc_t>
 struct WindowCall {
   WindowGeometry g;
   int Np = 0, Dp = 0;                  // padded tokens per window, padded head_dim
+  int cols = 0;                        // logit columns the forward's GEMM computes (window_logits)
   acc_t scale = 1;
   const scalar_t* qkv = nullptr;       // [B, H, W, 3C]
   const scalar_t* pad_qkv = nullptr;   // [3C] or null (zeros)
@@ -172,13 +173,21 @@ EFFVIT_ALWAYS_INLINE void gather_window(const WindowCall<scalar_t, acc_t>& c, co
   transpose(k, Dp, s.kt.data(), Np, g.N, D);
 }
 
-// logits = bias + q k^T (+ region mask) in s.s, rows [0, rows).
+// logits = bias + q k^T (+ region mask) in s.s, rows [0, rows), columns [0, N) (and up to cols, or Np when
+// cols >= N, where padded columns get -1e30). With cols < N (ws 7: 49 keys), the GEMM covers the first cols
+// columns and the last few come from row dot products: 49 columns padded to 64 would spend a quarter of the
+// GEMM and of the softmax's exps on padding.
 template <typename scalar_t, typename acc_t>
 EFFVIT_ALWAYS_INLINE void window_logits(const WindowCall<scalar_t, acc_t>& c, const TaskIndex& ti, Scratch<acc_t>& s,
-                                        const int32_t* region, bool several_regions, int rows) {
+                                        const int32_t* region, bool several_regions, int rows, int cols,
+                                        acc_t* tail) {
   const int Np = c.Np, N = c.g.N;
-  gemm_nn(s.q.data(), c.Dp, s.kt.data(), Np, s.s.data(), Np, rows, c.g.head_dim, Np,
-          c.bias + int64_t{ti.h} * rows * Np);
+  const acc_t* bias = c.bias + int64_t{ti.h} * rows * Np;
+  gemm_nn(s.q.data(), c.Dp, s.kt.data(), Np, s.s.data(), Np, rows, c.g.head_dim, cols < N ? cols : Np, bias);
+  for (int j = cols; j < N; ++j) {
+    dot_rows(s.q.data(), c.Dp, s.k.data() + j * c.Dp, c.Dp, N, tail);
+    for (int i = 0; i < N; ++i) s.s[i * Np + j] = bias[i * Np + j] + tail[i];
+  }
   if (!several_regions) return;
   for (int i = 0; i < N; ++i) {
     acc_t* srow = s.s.data() + i * Np;
@@ -187,14 +196,15 @@ EFFVIT_ALWAYS_INLINE void window_logits(const WindowCall<scalar_t, acc_t>& c, co
   }
 }
 
-// Task t's window in the scratch buffers: its tokens, q, k, v and the logits (rows [0, rows)).
+// Task t's window in the scratch buffers: its tokens, q, k, v and the logits (rows [0, rows); columns as
+// window_logits says, with `tail` a scratch column of Np).
 template <typename scalar_t, typename acc_t>
 EFFVIT_ALWAYS_INLINE TaskIndex start_task(const WindowCall<scalar_t, acc_t>& c, int64_t t, int64_t end, int rows,
-                                          TokenCursor& tokens, Scratch<acc_t>& s) {
+                                          int cols, TokenCursor& tokens, Scratch<acc_t>& s, acc_t* tail) {
   const TaskIndex ti = task_index(c.g, t);
   tokens.enter(c, t, end, ti);
   gather_window(c, ti, tokens.pixel.data(), s);
-  window_logits(c, ti, s, tokens.region.data(), tokens.several, rows);
+  window_logits(c, ti, s, tokens.region.data(), tokens.several, rows, cols, tail);
   return ti;
 }
 
@@ -206,12 +216,26 @@ EFFVIT_ALWAYS_INLINE void window_forward_body(const WindowCall<scalar_t, acc_t>*
   const int N = g.N, Np = c.Np, Dp = c.Dp, D = g.head_dim, C = g.C();
   const int rows = round_up(N, kRows);
   const int64_t HW = int64_t{g.H} * g.W;
+  const int cols = c.cols, vector_cols = std::min(cols, Np);  // columns [vector_cols, N) go a column at a time
   Scratch<acc_t> s(Np, Dp, false);
   TokenCursor tokens(N);
-  std::vector<acc_t> inv_sum(N);
+  std::vector<acc_t> inv_sum(N), maxima(N), tail_sum(N), column(Np, acc_t(0));
   for (int64_t t = begin; t < end; ++t) {
-    const TaskIndex ti = start_task(c, t, end, rows, tokens, s);
+    const TaskIndex ti = start_task(c, t, end, rows, cols, tokens, s, column.data());
     const int32_t* pixel = tokens.pixel.data();
+    for (int i = 0; i < N; ++i) {
+      const acc_t* row = s.s.data() + i * Np;
+      acc_t m = row_max(row, vector_cols);
+      for (int j = vector_cols; j < N; ++j) m = std::max(m, row[j]);
+      maxima[i] = m;
+      tail_sum[i] = 0;
+    }
+    // the last columns' exps for all rows at once, a column at a time
+    for (int j = vector_cols; j < N; ++j) {
+      for (int i = 0; i < N; ++i) column[i] = s.s[i * Np + j] - maxima[i];
+      exp_row(column.data(), Np, acc_t(0));
+      for (int i = 0; i < N; ++i) s.s[i * Np + j] = column[i], tail_sum[i] += column[i];
+    }
     for (int i = 0; i < N; ++i) {
       tokens.prefetch_ahead(c.qkv, 3, g, i);
       tokens.prefetch_ahead<true>(out, 1, g, i);
@@ -220,8 +244,8 @@ EFFVIT_ALWAYS_INLINE void window_forward_body(const WindowCall<scalar_t, acc_t>*
         std::fill(row, row + Np, acc_t(0));
         continue;
       }
-      const acc_t m = row_max(row, Np);
-      const acc_t sum = exp_row(row, Np, m);
+      const acc_t m = maxima[i];
+      const acc_t sum = exp_row(row, vector_cols, m) + tail_sum[i];
       inv_sum[i] = acc_t(1) / sum;
       lse[(int64_t{ti.b} * g.heads + ti.h) * HW + pixel[i]] = m + std::log(sum);
     }
@@ -255,7 +279,7 @@ EFFVIT_ALWAYS_INLINE void window_backward_body(const WindowCall<scalar_t, acc_t>
   // vector add per task instead of N * N scattered adds
   std::vector<acc_t> dense_bias(grad_bias != nullptr ? int64_t{g.heads} * N * Np : 0, acc_t(0));
   for (int64_t t = begin; t < end; ++t) {
-    const TaskIndex ti = start_task(c, t, end, rows, tokens, s);
+    const TaskIndex ti = start_task(c, t, end, rows, Np, tokens, s, static_cast<acc_t*>(nullptr));
     const int32_t* pixel = tokens.pixel.data();
     const int64_t head_base = (int64_t{ti.b} * g.heads + ti.h) * HW;
     // P from the saved log-sum-exp; dO, D_i = dO_i . O_i; V^T for dP = dO V^T
@@ -357,6 +381,10 @@ struct WindowCallStorage {
     c.g = in.geo;
     const WindowGeometry& g = c.g;
     c.Np = round_up(g.N, kPad);
+    // the forward's logit GEMM stops at the last whole vector of keys when at most two keys are left over (ws 7:
+    // 48 of 49), which the softmax then treats a column at a time
+    const int whole = g.N / 16 * 16;
+    c.cols = whole > 0 && g.N - whole <= 2 ? whole : c.Np;
     c.Dp = round_up(g.head_dim, kPad);
     c.scale = static_cast<acc_t>(scale);
     c.qkv = in.qkv.data_ptr<scalar_t>();
