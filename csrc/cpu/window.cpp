@@ -23,6 +23,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <type_traits>
 #include <vector>
 
@@ -208,6 +209,20 @@ EFFVIT_ALWAYS_INLINE TaskIndex start_task(const WindowCall<scalar_t, acc_t>& c, 
   return ti;
 }
 
+// P[i, j] = exp(S[i, j] - shift[i]) for the columns j in [first, N) of the [N, Np] logits, all rows of a column in
+// one vector pass (through `column`, Np long, whose entries past N are scratch); adds them to sums[i] if given.
+template <typename acc_t>
+EFFVIT_ALWAYS_INLINE void exp_columns(acc_t* S, int Np, int N, int first, const acc_t* shift, acc_t* column,
+                                      acc_t* sums) {
+  for (int j = first; j < N; ++j) {
+    for (int i = 0; i < N; ++i) column[i] = S[i * Np + j] - shift[i];
+    exp_row(column, Np, acc_t(0));
+    for (int i = 0; i < N; ++i) S[i * Np + j] = column[i];
+    if (sums != nullptr)
+      for (int i = 0; i < N; ++i) sums[i] += column[i];
+  }
+}
+
 template <typename scalar_t, typename acc_t>
 EFFVIT_ALWAYS_INLINE void window_forward_body(const WindowCall<scalar_t, acc_t>* call, scalar_t* out, acc_t* lse,
                                               int64_t begin, int64_t end) {
@@ -230,12 +245,7 @@ EFFVIT_ALWAYS_INLINE void window_forward_body(const WindowCall<scalar_t, acc_t>*
       maxima[i] = m;
       tail_sum[i] = 0;
     }
-    // the last columns' exps for all rows at once, a column at a time
-    for (int j = vector_cols; j < N; ++j) {
-      for (int i = 0; i < N; ++i) column[i] = s.s[i * Np + j] - maxima[i];
-      exp_row(column.data(), Np, acc_t(0));
-      for (int i = 0; i < N; ++i) s.s[i * Np + j] = column[i], tail_sum[i] += column[i];
-    }
+    exp_columns(s.s.data(), Np, N, vector_cols, maxima.data(), column.data(), tail_sum.data());
     for (int i = 0; i < N; ++i) {
       tokens.prefetch_ahead(c.qkv, 3, g, i);
       tokens.prefetch_ahead<true>(out, 1, g, i);
@@ -272,14 +282,15 @@ EFFVIT_ALWAYS_INLINE void window_backward_body(const WindowCall<scalar_t, acc_t>
   const int rows = round_up(N, kRows);
   const int table_rows = g.table_rows();
   const int64_t HW = int64_t{g.H} * g.W;
+  const int cols = c.cols, vector_cols = std::min(cols, Np);  // as in the forward
   Scratch<acc_t> s(Np, Dp, true);
   TokenCursor tokens(N);
-  std::vector<acc_t> delta(N);
+  std::vector<acc_t> delta(N), row_lse(N), column(Np, acc_t(0));
   // dS summed over this chunk's windows per (head, i, j), folded into table rows once at the end: a dense
   // vector add per task instead of N * N scattered adds
   std::vector<acc_t> dense_bias(grad_bias != nullptr ? int64_t{g.heads} * N * Np : 0, acc_t(0));
   for (int64_t t = begin; t < end; ++t) {
-    const TaskIndex ti = start_task(c, t, end, rows, Np, tokens, s, static_cast<acc_t*>(nullptr));
+    const TaskIndex ti = start_task(c, t, end, rows, cols, tokens, s, column.data());
     const int32_t* pixel = tokens.pixel.data();
     const int64_t head_base = (int64_t{ti.b} * g.heads + ti.h) * HW;
     // P from the saved log-sum-exp; dO, D_i = dO_i . O_i; V^T for dP = dO V^T
@@ -294,28 +305,41 @@ EFFVIT_ALWAYS_INLINE void window_backward_body(const WindowCall<scalar_t, acc_t>
         std::fill(prow, prow + Np, acc_t(0));
         std::fill(dorow, dorow + D, acc_t(0));
         delta[i] = 0;
+        row_lse[i] = std::numeric_limits<acc_t>::infinity();  // exp(0 - inf) = 0 in exp_columns
         continue;
       }
-      exp_row(prow, Np, lse[head_base + pixel[i]]);
+      row_lse[i] = lse[head_base + pixel[i]];
+      exp_row(prow, vector_cols, row_lse[i]);
       const int64_t at = (int64_t{ti.b} * HW + pixel[i]) * C + ti.h * D;
       load_row(grad_out + at, dorow, D, acc_t(1));
       acc_t* orow = s.o.data() + i * Dp;  // the forward's buffer, free here
       load_row(out + at, orow, D, acc_t(1));
       delta[i] = dot_padded(dorow, orow, Dp);
     }
+    exp_columns(s.s.data(), Np, N, vector_cols, row_lse.data(), column.data(), static_cast<acc_t*>(nullptr));
     transpose(s.v.data(), Dp, s.vt.data(), Np, N, D);
     // dV = P^T dO
     gemm_nn<true>(s.s.data(), Np, s.dout.data(), Dp, s.dv.data(), Dp, rows, N, Dp);
     // dS = P * (dO V^T - D_i), over real query rows; dS summed per (head, i, j) for the bias table
-    gemm_nn(s.dout.data(), Dp, s.vt.data(), Np, s.dp.data(), Np, rows, D, Np);
+    // (the columns past cols, as in the logits, from row dot products)
+    gemm_nn(s.dout.data(), Dp, s.vt.data(), Np, s.dp.data(), Np, rows, D, cols < N ? cols : Np);
+    for (int j = vector_cols; j < N; ++j) {
+      dot_rows(s.dout.data(), Dp, s.v.data() + j * Dp, Dp, N, column.data());
+      for (int i = 0; i < N; ++i) s.dp[i * Np + j] = column[i];
+    }
     acc_t* dense = dense_bias.data() + int64_t{ti.h} * N * Np;
     for (int i = 0; i < N; ++i) {
       acc_t* ds = s.dp.data() + i * Np;
       const acc_t* p = s.s.data() + i * Np;
-      for (int j = 0; j < Np; j += L) {
+      acc_t* dense_row = dense + i * Np;
+      for (int j = 0; j < vector_cols; j += L) {
         const V d = vload<V>(p + j) * (vload<V>(ds + j) - delta[i]);
         vstore(ds + j, d);
-        if (grad_bias != nullptr) vstore(dense + i * Np + j, vload<V>(dense + i * Np + j) + d);
+        if (grad_bias != nullptr) vstore(dense_row + j, vload<V>(dense_row + j) + d);
+      }
+      for (int j = vector_cols; j < N; ++j) {
+        ds[j] = p[j] * (ds[j] - delta[i]);
+        if (grad_bias != nullptr) dense_row[j] += ds[j];
       }
     }
     // dQ = scale dS K, dK = dS^T (q * scale)
