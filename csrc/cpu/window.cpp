@@ -3,7 +3,7 @@
 // One task is one (image, window, head). It gathers the window's q, k and v through the roll / pad /
 // partition index arithmetic of window_geometry.h into small float buffers (padding tokens read the qkv
 // Linear's bias), computes the logits with one register-blocked GEMM micro-kernel, adds the relative
-// position bias (gathered once per call into a dense [heads, N, N] block) and the region mask (from the
+// position bias (gathered once per thread and head into a dense [N, N] block) and the region mask (from the
 // tokens' regions, only in windows that hold several), takes the softmax with a vectorised exp, and
 // writes P @ V straight to the token's place in the [B, H, W, C] output. No attention matrix outlives the
 // task; the log-sum-exp of each row is the only thing the backward needs beyond q, k, v and the output.
@@ -24,6 +24,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <memory>
 #include <type_traits>
 #include <vector>
 
@@ -43,9 +44,45 @@ struct WindowCall {
   acc_t scale = 1;
   const scalar_t* qkv = nullptr;       // [B, H, W, 3C]
   const scalar_t* pad_qkv = nullptr;   // [3C] or null (zeros)
-  const acc_t* bias = nullptr;         // [heads, rows, Np]: bias table gathered, padded entries -1e30
+  const acc_t* columns = nullptr;      // [heads, table rows]: the bias table's columns, or null (no table)
   const int32_t* bias_rows = nullptr;  // [N, N]: bias table row of (i, j)
   int64_t tasks() const { return int64_t{g.B} * g.windows_per_image() * g.heads; }
+};
+
+// The logits' starting block of each head, [rows, Np]: bias[i, j] = the table's entry of (i, j) (0 without a
+// table) for i, j < N, everything else -1e30 (padded key columns vanish in the softmax). A thread gathers a head's
+// block the first time one of its tasks needs it: the heads spread over the threads' task ranges, so a head is
+// gathered only by the threads that run it, in the same parallel region as the attention.
+template <typename acc_t>
+struct HeadBias {
+  std::unique_ptr<acc_t[]> blocks;  // [heads, rows, Np], a head's block written before first use
+  std::vector<char> ready;
+  int rows, Np;
+  HeadBias(int heads, int rows_, int Np_)
+      : blocks(new acc_t[int64_t{heads} * rows_ * Np_]), ready(heads, 0), rows(rows_), Np(Np_) {}
+
+  template <typename scalar_t>
+  EFFVIT_ALWAYS_INLINE const acc_t* head(const WindowCall<scalar_t, acc_t>& c, int h) {
+    acc_t* block = blocks.get() + int64_t{h} * rows * Np;
+    if (!ready[h]) {
+      fill(c.columns != nullptr ? c.columns + int64_t{h} * c.g.table_rows() : nullptr, c.bias_rows, block, c.g.N);
+      ready[h] = 1;
+    }
+    return block;
+  }
+
+  EFFVIT_ALWAYS_INLINE void fill(const acc_t* col, const int32_t* index, acc_t* block, int N) const {
+    for (int i = 0; i < rows; ++i) {
+      acc_t* __restrict__ row = block + int64_t{i} * Np;
+      const int real = i < N ? N : 0;
+      const int32_t* __restrict__ idx = index + i * N;
+      if (col != nullptr)
+        for (int j = 0; j < real; ++j) row[j] = col[idx[j]];
+      else
+        for (int j = 0; j < real; ++j) row[j] = acc_t(0);
+      for (int j = real; j < Np; ++j) row[j] = static_cast<acc_t>(kMaskedColumn);
+    }
+  }
 };
 
 // Per-chunk buffers: one window's operands, [Np x Dp] (token-major) or [Dp x Np] (transposed).
@@ -179,11 +216,10 @@ EFFVIT_ALWAYS_INLINE void gather_window(const WindowCall<scalar_t, acc_t>& c, co
 // columns and the last few come from row dot products: 49 columns padded to 64 would spend a quarter of the
 // GEMM and of the softmax's exps on padding.
 template <typename scalar_t, typename acc_t>
-EFFVIT_ALWAYS_INLINE void window_logits(const WindowCall<scalar_t, acc_t>& c, const TaskIndex& ti, Scratch<acc_t>& s,
+EFFVIT_ALWAYS_INLINE void window_logits(const WindowCall<scalar_t, acc_t>& c, const acc_t* bias, Scratch<acc_t>& s,
                                         const int32_t* region, bool several_regions, int rows, int cols,
                                         acc_t* tail) {
   const int Np = c.Np, N = c.g.N;
-  const acc_t* bias = c.bias + int64_t{ti.h} * rows * Np;
   gemm_nn(s.q.data(), c.Dp, s.kt.data(), Np, s.s.data(), Np, rows, c.g.head_dim, cols < N ? cols : Np, bias);
   for (int j = cols; j < N; ++j) {
     dot_rows(s.q.data(), c.Dp, s.k.data() + j * c.Dp, c.Dp, N, tail);
@@ -201,11 +237,12 @@ EFFVIT_ALWAYS_INLINE void window_logits(const WindowCall<scalar_t, acc_t>& c, co
 // window_logits says, with `tail` a scratch column of Np).
 template <typename scalar_t, typename acc_t>
 EFFVIT_ALWAYS_INLINE TaskIndex start_task(const WindowCall<scalar_t, acc_t>& c, int64_t t, int64_t end, int rows,
-                                          int cols, TokenCursor& tokens, Scratch<acc_t>& s, acc_t* tail) {
+                                          int cols, TokenCursor& tokens, Scratch<acc_t>& s, acc_t* tail,
+                                          HeadBias<acc_t>& bias) {
   const TaskIndex ti = task_index(c.g, t);
   tokens.enter(c, t, end, ti);
   gather_window(c, ti, tokens.pixel.data(), s);
-  window_logits(c, ti, s, tokens.region.data(), tokens.several, rows, cols, tail);
+  window_logits(c, bias.head(c, ti.h), s, tokens.region.data(), tokens.several, rows, cols, tail);
   return ti;
 }
 
@@ -234,9 +271,10 @@ EFFVIT_ALWAYS_INLINE void window_forward_body(const WindowCall<scalar_t, acc_t>*
   const int cols = c.cols, vector_cols = std::min(cols, Np);  // columns [vector_cols, N) go a column at a time
   Scratch<acc_t> s(Np, Dp, false);
   TokenCursor tokens(N);
+  HeadBias<acc_t> bias(g.heads, rows, Np);
   std::vector<acc_t> inv_sum(N), maxima(N), tail_sum(N), column(Np, acc_t(0));
   for (int64_t t = begin; t < end; ++t) {
-    const TaskIndex ti = start_task(c, t, end, rows, cols, tokens, s, column.data());
+    const TaskIndex ti = start_task(c, t, end, rows, cols, tokens, s, column.data(), bias);
     const int32_t* pixel = tokens.pixel.data();
     for (int i = 0; i < N; ++i) {
       const acc_t* row = s.s.data() + i * Np;
@@ -285,12 +323,13 @@ EFFVIT_ALWAYS_INLINE void window_backward_body(const WindowCall<scalar_t, acc_t>
   const int cols = c.cols, vector_cols = std::min(cols, Np);  // as in the forward
   Scratch<acc_t> s(Np, Dp, true);
   TokenCursor tokens(N);
+  HeadBias<acc_t> bias(g.heads, rows, Np);
   std::vector<acc_t> delta(N), row_lse(N), column(Np, acc_t(0));
   // dS summed over this chunk's windows per (head, i, j), folded into table rows once at the end: a dense
   // vector add per task instead of N * N scattered adds
   std::vector<acc_t> dense_bias(grad_bias != nullptr ? int64_t{g.heads} * N * Np : 0, acc_t(0));
   for (int64_t t = begin; t < end; ++t) {
-    const TaskIndex ti = start_task(c, t, end, rows, cols, tokens, s, column.data());
+    const TaskIndex ti = start_task(c, t, end, rows, cols, tokens, s, column.data(), bias);
     const int32_t* pixel = tokens.pixel.data();
     const int64_t head_base = (int64_t{ti.b} * g.heads + ti.h) * HW;
     // P from the saved log-sum-exp; dO, D_i = dO_i . O_i; V^T for dP = dO V^T
@@ -371,33 +410,12 @@ EFFVIT_ALWAYS_INLINE void window_backward_body(const WindowCall<scalar_t, acc_t>
 }
 EFFVIT_CPU_ISA_VARIANTS(window_backward_range, window_backward_body)
 
-// bias[h, i, j] = columns[h, index[i, j]] (0 without a table) for i, j < N; everything else -1e30, so that
-// padded key columns vanish in the softmax.
-template <typename acc_t>
-EFFVIT_ALWAYS_INLINE void fill_bias_body(const acc_t* columns, const int32_t* index, acc_t* bias, int N, int rows,
-                                         int Np, int T, int64_t head_begin, int64_t head_end) {
-  for (int64_t h = head_begin; h < head_end; ++h) {
-    const acc_t* col = columns != nullptr ? columns + h * T : nullptr;
-    for (int i = 0; i < rows; ++i) {
-      acc_t* __restrict__ row = bias + (h * rows + i) * Np;
-      const int real = i < N ? N : 0;
-      const int32_t* __restrict__ idx = index + i * N;
-      if (col != nullptr)
-        for (int j = 0; j < real; ++j) row[j] = col[idx[j]];
-      else
-        for (int j = 0; j < real; ++j) row[j] = acc_t(0);
-      for (int j = real; j < Np; ++j) row[j] = static_cast<acc_t>(kMaskedColumn);
-    }
-  }
-}
-EFFVIT_CPU_ISA_VARIANTS(fill_bias, fill_bias_body)
 
-// The per-call shared state: bias table gathered to [heads, round_up(N, 4), Np] with padded entries masked, and the
-// bias row of each (i, j).
+// The per-call shared state: the bias table's columns per head and the bias row of each (i, j).
 template <typename scalar_t, typename acc_t>
 struct WindowCallStorage {
   WindowCall<scalar_t, acc_t> call;
-  std::vector<acc_t> bias;
+  std::vector<acc_t> columns;
   std::vector<int32_t> bias_rows;
 
   WindowCallStorage(const WindowInputs& in, double scale) {
@@ -416,24 +434,14 @@ struct WindowCallStorage {
     bias_rows.resize(int64_t{g.N} * g.N);
     for (int i = 0; i < g.N; ++i)
       for (int j = 0; j < g.N; ++j) bias_rows[i * g.N + j] = g.bias_row(i, j);
-    const int rows = round_up(g.N, kRows);
-    bias.resize(int64_t{g.heads} * rows * c.Np);
-    // the table's columns made contiguous per head, then gathered to [heads, rows, Np], heads in parallel
-    std::vector<acc_t> columns;
+    // the table's columns made contiguous per head (HeadBias gathers from them)
     if (in.bias_table.defined()) {
       const acc_t* table = in.bias_table.data_ptr<acc_t>();
       columns.resize(int64_t{g.heads} * g.table_rows());
       for (int r = 0; r < g.table_rows(); ++r)
         for (int h = 0; h < g.heads; ++h) columns[int64_t{h} * g.table_rows() + r] = table[r * g.heads + h];
+      c.columns = columns.data();
     }
-    const acc_t* cols = columns.empty() ? nullptr : columns.data();
-    acc_t* dst = bias.data();
-    const int32_t* index = bias_rows.data();
-    const int N = g.N, Np = c.Np, T = g.table_rows();
-    at::parallel_for(0, g.heads, 1, [&](int64_t begin, int64_t end) {
-      fill_bias(cols, index, dst, N, rows, Np, T, begin, end);
-    });
-    c.bias = bias.data();
     c.bias_rows = bias_rows.data();
   }
 };
