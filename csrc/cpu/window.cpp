@@ -247,12 +247,13 @@ EFFVIT_ALWAYS_INLINE TaskIndex start_task(const WindowCall<scalar_t, acc_t>& c, 
 }
 
 // P[i, j] = exp(S[i, j] - shift[i]) for the columns j in [first, N) of the [N, Np] logits, all rows of a column in
-// one vector pass (through `column`, Np long, whose entries past N are scratch); adds them to sums[i] if given.
+// one vector pass (through `column`, Np long); adds them to sums[i] if given.
 template <typename acc_t>
 EFFVIT_ALWAYS_INLINE void exp_columns(acc_t* S, int Np, int N, int first, const acc_t* shift, acc_t* column,
                                       acc_t* sums) {
   for (int j = first; j < N; ++j) {
     for (int i = 0; i < N; ++i) column[i] = S[i * Np + j] - shift[i];
+    std::fill(column + N, column + Np, acc_t(0));  // the vector pass's padding: exp(0), never read
     exp_row(column, Np, acc_t(0));
     for (int i = 0; i < N; ++i) S[i * Np + j] = column[i];
     if (sums != nullptr)
