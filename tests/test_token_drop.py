@@ -134,7 +134,26 @@ def test_scores_gradcheck_float64(backend, seed):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("trial", range(3))
 def test_drop_matches_reference(backend, dtype, trial, seed, poisoned):
-    case = random_drop_case(random.Random(seed))
+    check_drop(backend, dtype, random_drop_case(random.Random(seed)))
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="how the CPU kernel shares work among threads")
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+@pytest.mark.parametrize("threads", [2, 3, 4])
+def test_drop_images_shared_among_threads(dtype, threads, seed, poisoned):
+    """Fewer images than threads: the CPU kernel shares each image's rows and fused channels out among threads
+    (channel shares in whole 64-channel runs, the last one ragged)."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for B, C, strided in ((1, 128, False), (1, 200, True), (1, 333, False), (threads - 1, 130, True)):
+            case = dict(B=B, N=37, C=C, P=1, keep=23, fuse=True, spatial=B > 1, strided=strided)
+            check_drop("cpu", dtype, case)
+    finally:
+        torch.set_num_threads(saved)
+
+
+def check_drop(backend, dtype, case):
     x, scores = make_x_scores(case, dtype)
     out, index = td_ops.op(backend, "drop_tokens")(x, scores, case["keep"], case["P"], case["fuse"], case["spatial"])
     expected, expected_index = ref.drop_tokens(d(x), d(scores), case["keep"], case["P"], case["fuse"],
