@@ -40,12 +40,12 @@ template <typename scalar_t, typename acc_t>
 struct WindowCall {
   WindowGeometry g;
   int Np = 0, Dp = 0;                  // padded tokens per window, padded head_dim
-  int cols = 0;                        // logit columns the forward's GEMM computes (window_logits)
+  int cols = 0;                        // key columns the logit and dP GEMMs compute (window_logits)
   acc_t scale = 1;
   const scalar_t* qkv = nullptr;       // [B, H, W, 3C]
   const scalar_t* pad_qkv = nullptr;   // [3C] or null (zeros)
-  const acc_t* columns = nullptr;      // [heads, table rows]: the bias table's columns, or null (no table)
-  const int32_t* bias_rows = nullptr;  // [N, N]: bias table row of (i, j)
+  const acc_t* reversed_columns = nullptr;  // [heads, table rows]: each head's table column, last row first
+  const int32_t* bias_rows = nullptr;       // [N, N]: bias table row of (i, j) (the backward's scatter)
   int64_t tasks() const { return int64_t{g.B} * g.windows_per_image() * g.heads; }
 };
 
@@ -65,21 +65,34 @@ struct HeadBias {
   EFFVIT_ALWAYS_INLINE const acc_t* head(const WindowCall<scalar_t, acc_t>& c, int h) {
     acc_t* block = blocks.get() + int64_t{h} * rows * Np;
     if (!ready[h]) {
-      fill(c.columns != nullptr ? c.columns + int64_t{h} * c.g.table_rows() : nullptr, c.bias_rows, block, c.g.N);
+      const int T = c.g.table_rows();
+      fill(c.reversed_columns != nullptr ? c.reversed_columns + int64_t{h} * T : nullptr, c.g, block);
       ready[h] = 1;
     }
     return block;
   }
 
-  EFFVIT_ALWAYS_INLINE void fill(const acc_t* col, const int32_t* index, acc_t* block, int N) const {
+  // Query i's bias at key (rj, cj) is the table row bias_row_query_part(i) - rj * (2 ww - 1) - cj: for each key
+  // row, ww consecutive table rows in descending order, so ww consecutive entries of the reversed column. A key
+  // row is one vector copy when a vector holds ww values: its spare lanes are overwritten by the next key row, or
+  // for the last one fall in the row's padded columns (ws 7: 49 of 64; else that one goes value by value). A
+  // lookup per key was a sixth of the op at 7x7x768, batch 1 (each head's block used once).
+  EFFVIT_ALWAYS_INLINE void fill(const acc_t* reversed, const WindowGeometry& g, acc_t* block) const {
+    using V = typename Vec<acc_t>::type;
+    constexpr int L = Vec<acc_t>::lanes;
+    const int N = g.N, ww = g.ww, T = g.table_rows();
+    const int vector_rows = ww > L ? 0 : (g.wh - 1) * ww + L <= Np ? g.wh : g.wh - 1;
     for (int i = 0; i < rows; ++i) {
       acc_t* __restrict__ row = block + int64_t{i} * Np;
       const int real = i < N ? N : 0;
-      const int32_t* __restrict__ idx = index + i * N;
-      if (col != nullptr)
-        for (int j = 0; j < real; ++j) row[j] = col[idx[j]];
-      else
+      if (reversed != nullptr && real > 0) {
+        const acc_t* __restrict__ src = reversed + (T - 1 - g.bias_row_query_part(i));
+        for (int rj = 0; rj < vector_rows; ++rj) vstore(row + rj * ww, vload<V>(src + rj * (2 * ww - 1)));
+        for (int rj = vector_rows; rj < g.wh; ++rj)
+          for (int cj = 0; cj < ww; ++cj) row[rj * ww + cj] = src[rj * (2 * ww - 1) + cj];
+      } else {
         for (int j = 0; j < real; ++j) row[j] = acc_t(0);
+      }
       for (int j = real; j < Np; ++j) row[j] = static_cast<acc_t>(kMaskedColumn);
     }
   }
@@ -412,11 +425,11 @@ EFFVIT_ALWAYS_INLINE void window_backward_body(const WindowCall<scalar_t, acc_t>
 EFFVIT_CPU_ISA_VARIANTS(window_backward_range, window_backward_body)
 
 
-// The per-call shared state: the bias table's columns per head and the bias row of each (i, j).
+// The per-call shared state: the bias table's columns per head (reversed) and the bias row of each (i, j).
 template <typename scalar_t, typename acc_t>
 struct WindowCallStorage {
   WindowCall<scalar_t, acc_t> call;
-  std::vector<acc_t> columns;
+  std::vector<acc_t> reversed_columns;
   std::vector<int32_t> bias_rows;
 
   WindowCallStorage(const WindowInputs& in, double scale) {
@@ -424,24 +437,29 @@ struct WindowCallStorage {
     c.g = in.geo;
     const WindowGeometry& g = c.g;
     c.Np = round_up(g.N, kPad);
-    // the forward's logit GEMM stops at the last whole vector of keys when at most two keys are left over (ws 7:
-    // 48 of 49), which the softmax then treats a column at a time
+    // the logit GEMM (and the backward's dP GEMM) stops at the last whole vector of keys when at most two keys are
+    // left over (ws 7: 48 of 49), which the softmax then treats a column at a time
     const int whole = g.N / 16 * 16;
     c.cols = whole > 0 && g.N - whole <= 2 ? whole : c.Np;
     c.Dp = round_up(g.head_dim, kPad);
     c.scale = static_cast<acc_t>(scale);
     c.qkv = in.qkv.data_ptr<scalar_t>();
     c.pad_qkv = in.pad_qkv.defined() ? in.pad_qkv.data_ptr<scalar_t>() : nullptr;
+    std::vector<int32_t> key_part(g.N);
+    for (int j = 0; j < g.N; ++j) key_part[j] = g.bias_row_key_part(j);
     bias_rows.resize(int64_t{g.N} * g.N);
-    for (int i = 0; i < g.N; ++i)
-      for (int j = 0; j < g.N; ++j) bias_rows[i * g.N + j] = g.bias_row(i, j);
-    // the table's columns made contiguous per head (HeadBias gathers from them)
+    for (int i = 0; i < g.N; ++i) {
+      const int32_t query_part = g.bias_row_query_part(i);
+      for (int j = 0; j < g.N; ++j) bias_rows[i * g.N + j] = query_part - key_part[j];
+    }
+    // each head's table column made contiguous and reversed (HeadBias copies runs of it)
     if (in.bias_table.defined()) {
       const acc_t* table = in.bias_table.data_ptr<acc_t>();
-      columns.resize(int64_t{g.heads} * g.table_rows());
-      for (int r = 0; r < g.table_rows(); ++r)
-        for (int h = 0; h < g.heads; ++h) columns[int64_t{h} * g.table_rows() + r] = table[r * g.heads + h];
-      c.columns = columns.data();
+      const int T = g.table_rows();
+      reversed_columns.assign(int64_t{g.heads} * T + Vec<acc_t>::lanes, acc_t(0));  // + HeadBias::fill's over-read
+      for (int r = 0; r < T; ++r)
+        for (int h = 0; h < g.heads; ++h) reversed_columns[int64_t{h} * T + (T - 1 - r)] = table[r * g.heads + h];
+      c.reversed_columns = reversed_columns.data();
     }
     c.bias_rows = bias_rows.data();
   }
