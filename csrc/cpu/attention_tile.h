@@ -185,6 +185,36 @@ EFFVIT_ALWAYS_INLINE V vexp(V x) {
   return underflow ? V{} : p * scale;
 }
 
+// log on a vector of positive normal floats (Cephes' logf: x = 2^e m with m in [sqrt(1/2), sqrt(2)), log m from a
+// polynomial in m - 1, ~1 ulp); NaN lanes stay NaN.
+template <typename V>
+EFFVIT_ALWAYS_INLINE V vlog(V x) {
+  using I = typename VecN<sizeof(V), int32_t>::type;
+  I bits;
+  std::memcpy(&bits, &x, sizeof(V));
+  I e = ((bits >> 23) & 0xff) - 126;        // x = 2^e * m, m in [1/2, 1)
+  bits = (bits & 0x807fffff) | 0x3f000000;
+  V m;
+  std::memcpy(&m, &bits, sizeof(V));
+  const auto low = m < 0.707106781186547524f;
+  e = low ? e - 1 : e;
+  const V f = low ? m + m - 1.0f : m - 1.0f;  // m - 1 after moving m into [sqrt(1/2), sqrt(2))
+  const V z = f * f;
+  V p = V{} + 7.0376836292e-2f;
+  p = p * f - 1.1514610310e-1f;
+  p = p * f + 1.1676998740e-1f;
+  p = p * f - 1.2420140846e-1f;
+  p = p * f + 1.4249322787e-1f;
+  p = p * f - 1.6668057665e-1f;
+  p = p * f + 2.0000714765e-1f;
+  p = p * f - 2.4999993993e-1f;
+  p = p * f + 3.3333331174e-1f;
+  const V ef = __builtin_convertvector(e, V);
+  const V y = p * f * z + ef * -2.12194440e-4f - 0.5f * z;
+  const V r = f + y + ef * 0.693359375f;
+  return x == x ? r : x;
+}
+
 // dst[d] = src[d] * mul (restrict: lets the compiler vectorise the conversion and keep mul in a register).
 // Whole vectors first where no conversion is needed: with mul a constant 1 the plain loop becomes a memcpy call per
 // row, which costs more than the copy at these sizes.
@@ -373,6 +403,36 @@ EFFVIT_ALWAYS_INLINE acc_t exp_row(acc_t* row, int Np, acc_t shift) {
     case cpu::CpuIsa::kAvx512: return exp_row_pass<64>(row, Np, shift);
     case cpu::CpuIsa::kAvx2: return exp_row_pass<32>(row, Np, shift);
     default: return exp_row_pass<16>(row, Np, shift);
+  }
+}
+
+// The end of n softmax rows, from each row's shift (its max) and sum (>= 1: the largest term is exp(0)):
+// inv[i] = 1 / sum[i] and lse[i] = shift[i] + log(sum[i]), in vectors of kBytes (float32; float64 and the last
+// few rows one at a time with std::log).
+template <int kBytes, typename acc_t>
+EFFVIT_ALWAYS_INLINE void finish_rows_pass(const acc_t* sums, const acc_t* shifts, int n, acc_t* inv, acc_t* lse) {
+  int i = 0;
+  if constexpr (std::is_same_v<acc_t, float>) {
+    using V = typename VecN<kBytes, float>::type;
+    constexpr int L = VecN<kBytes, float>::lanes;
+    for (; i + L <= n; i += L) {
+      const V sum = vload<V>(sums + i);
+      vstore(inv + i, 1.0f / sum);
+      vstore(lse + i, vload<V>(shifts + i) + vlog(sum));
+    }
+  }
+  for (; i < n; ++i) {
+    inv[i] = acc_t(1) / sums[i];
+    lse[i] = shifts[i] + std::log(sums[i]);
+  }
+}
+
+template <typename acc_t>
+EFFVIT_ALWAYS_INLINE void finish_rows(const acc_t* sums, const acc_t* shifts, int n, acc_t* inv, acc_t* lse) {
+  switch (running_isa) {
+    case cpu::CpuIsa::kAvx512: return finish_rows_pass<64>(sums, shifts, n, inv, lse);
+    case cpu::CpuIsa::kAvx2: return finish_rows_pass<32>(sums, shifts, n, inv, lse);
+    default: return finish_rows_pass<16>(sums, shifts, n, inv, lse);
   }
 }
 

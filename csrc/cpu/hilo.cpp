@@ -110,7 +110,7 @@ EFFVIT_ALWAYS_INLINE void lofi_forward_body(const LofiCall<scalar_t, acc_t>* cal
   const LofiCall<scalar_t, acc_t>& c = *call;
   const int Mp = c.Mp, Dp = c.Dp, D = c.D, C = c.C();
   LofiScratch<acc_t> s(c.rows, Mp, Dp, false);
-  std::vector<acc_t> inv_sum(c.rows);
+  std::vector<acc_t> inv_sum(c.rows), maxima(c.rows), sums(c.rows);
   for (int64_t t = begin; t < end; ++t) {
     const LofiTask ti = lofi_task(c, t);
     gather_kv(c, ti, s, false);
@@ -122,11 +122,10 @@ EFFVIT_ALWAYS_INLINE void lofi_forward_body(const LofiCall<scalar_t, acc_t>* cal
       gemm_nn(s.q.data(), Dp, s.kt.data(), Mp, s.s.data(), Mp, n4, D, Mp, c.mask);
       for (int i = 0; i < n; ++i) {
         acc_t* row = s.s.data() + int64_t{i} * Mp;
-        const acc_t m = row_max(row, Mp);
-        const acc_t sum = exp_row(row, Mp, m);
-        inv_sum[i] = acc_t(1) / sum;
-        lse_row[i0 + i] = m + std::log(sum);
+        maxima[i] = row_max(row, Mp);
+        sums[i] = exp_row(row, Mp, maxima[i]);
       }
+      finish_rows(sums.data(), maxima.data(), n, inv_sum.data(), lse_row + i0);
       gemm_nn(s.s.data(), Mp, s.v.data(), Dp, s.o.data(), Dp, n4, c.M, Dp);
       for (int i = 0; i < n; ++i)
         store_row(s.o.data() + int64_t{i} * Dp, out + (int64_t{ti.b} * c.N + i0 + i) * C + ti.h * D, D, inv_sum[i]);

@@ -286,7 +286,7 @@ EFFVIT_ALWAYS_INLINE void window_forward_body(const WindowCall<scalar_t, acc_t>*
   Scratch<acc_t> s(Np, Dp, false);
   TokenCursor tokens(N);
   HeadBias<acc_t> bias(g.heads, rows, Np);
-  std::vector<acc_t> inv_sum(N), maxima(N), tail_sum(N), column(Np, acc_t(0));
+  std::vector<acc_t> inv_sum(N), maxima(N), tail_sum(N), sums(N), row_lse(N), column(Np, acc_t(0));
   for (int64_t t = begin; t < end; ++t) {
     const TaskIndex ti = start_task(c, t, end, rows, cols, tokens, s, column.data(), bias);
     const int32_t* pixel = tokens.pixel.data();
@@ -304,16 +304,16 @@ EFFVIT_ALWAYS_INLINE void window_forward_body(const WindowCall<scalar_t, acc_t>*
       acc_t* row = s.s.data() + i * Np;
       if (pixel[i] < 0) {  // a padding query: cropped, so skip its softmax
         std::fill(row, row + Np, acc_t(0));
+        sums[i] = 1;
         continue;
       }
-      const acc_t m = maxima[i];
-      const acc_t sum = exp_row(row, vector_cols, m) + tail_sum[i];
-      inv_sum[i] = acc_t(1) / sum;
-      lse[(int64_t{ti.b} * g.heads + ti.h) * HW + pixel[i]] = m + std::log(sum);
+      sums[i] = exp_row(row, vector_cols, maxima[i]) + tail_sum[i];
     }
+    finish_rows(sums.data(), maxima.data(), N, inv_sum.data(), row_lse.data());
     gemm_nn(s.s.data(), Np, s.v.data(), Dp, s.o.data(), Dp, rows, N, Dp);
     for (int i = 0; i < N; ++i) {
       if (pixel[i] < 0) continue;
+      lse[(int64_t{ti.b} * g.heads + ti.h) * HW + pixel[i]] = row_lse[i];
       scalar_t* dst = out + (int64_t{ti.b} * HW + pixel[i]) * C + ti.h * D;
       const acc_t* o = s.o.data() + i * Dp;
       store_row(o, dst, D, inv_sum[i]);
