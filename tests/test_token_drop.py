@@ -146,8 +146,9 @@ def test_drop_images_shared_among_threads(dtype, threads, seed, poisoned):
     saved = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        for B, C, strided in ((1, 128, False), (1, 200, True), (1, 333, False), (threads - 1, 130, True)):
-            case = dict(B=B, N=37, C=C, P=1, keep=23, fuse=True, spatial=B > 1, strided=strided)
+        for B, C, strided, fuse in ((1, 128, False, True), (1, 200, True, True), (1, 333, False, True),
+                                    (1, 200, True, False), (threads - 1, 130, True, True)):
+            case = dict(B=B, N=37, C=C, P=1, keep=23, fuse=fuse, spatial=B > 1, strided=strided)
             check_drop("cpu", dtype, case)
     finally:
         torch.set_num_threads(saved)
