@@ -4,7 +4,8 @@
 // torch.ops.effvit.linear_attention*, so a bad call raises instead of reading out of bounds.
 #pragma once
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty_strided.h>
 #include <c10/util/Exception.h>
 
 #include <algorithm>

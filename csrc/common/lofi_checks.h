@@ -4,7 +4,7 @@
 // torch.ops.effvit.lofi_attention*, so a bad call raises instead of reading out of bounds.
 #pragma once
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
 #include "shift_checks.h"

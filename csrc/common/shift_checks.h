@@ -5,7 +5,9 @@
 // raises (ValueError / TypeError in Python) instead of reading out of bounds.
 #pragma once
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 #include <c10/util/Exception.h>
 
 #include <optional>

@@ -12,7 +12,8 @@
 // The backward recomputes P from the log-sum-exp per query block and accumulates dK and dV over the task's
 // queries (the forward's output is not read: each row's sum_j P dP comes from the row itself); when an image's heads are too few to keep every thread busy, queries are split into chunks whose
 // dK / dV partial sums are added in chunk order afterwards, so results never depend on thread timing.
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>

@@ -12,7 +12,8 @@
 // The forward walks a block of tokens for all heads (of a task's head group) at once: in (B, N, H, D) memory — a
 // qkv Linear's output — one token's heads are contiguous, where one head alone is 128 bytes every few kilobytes,
 // a new page per token (walking one head at a time over all tokens was 1.5-2x slower at N = 3136 and 50176).
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/zeros.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>

@@ -13,7 +13,10 @@
 // threads, one task is a whole sample, so the GroupNorm passes re-read a sample while it is still in
 // cache; otherwise each sample is split into runs of lines holding equal numbers of values, at least
 // kMinTaskElements a task.
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/from_blob.h>
+#include <ATen/ops/zeros.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>

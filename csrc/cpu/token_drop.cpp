@@ -8,7 +8,8 @@
 // `keep`, copy the prefix and kept rows and sum the dropped ones weighted by their scores into the fused row.
 // Both are memory-bound and small next to the block's GEMMs; the loops are plain and parallel over images (and
 // heads), every output element written once, sums taken in a fixed order (deterministic).
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>

@@ -15,7 +15,10 @@
 //
 // Buffers are padded to multiples of 32 in both the token and the head dimension and zero-filled, so
 // the micro-kernel never needs a tail; padded key columns get a logit of -1e30 and vanish in the softmax.
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/zeros.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>

@@ -6,6 +6,11 @@
 // double for double).
 #pragma once
 
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAFunctions.h>
+#include <cuda_runtime.h>
+
+#include <atomic>
 #include <cstdint>
 #include <limits>
 #include <type_traits>
@@ -203,6 +208,25 @@ void with_slice_width(int dpt, F&& f) {
     if (dpt == 32) return f(std::integral_constant<int, 32>{});
   }
   f(std::integral_constant<int, 16>{});
+}
+
+// The current device's SM count, which the launch plans size their grids by; read once per device (a
+// plain attribute query, without ATen's CUDAContext.h and the cuBLAS/cuSPARSE headers it pulls in).
+inline int64_t multiprocessor_count() {
+  constexpr int kMaxDevices = 64;
+  static std::atomic<int> counts[kMaxDevices] = {};
+  const int device = c10::cuda::current_device();
+  if (device >= kMaxDevices) {
+    int count = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device));
+    return count;
+  }
+  int count = counts[device].load(std::memory_order_relaxed);
+  if (count == 0) {
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device));
+    counts[device].store(count, std::memory_order_relaxed);
+  }
+  return count;
 }
 
 }  // namespace attn

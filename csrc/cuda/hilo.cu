@@ -26,10 +26,11 @@
 //     dk/dv: per key row, over the query tiles (their lse and Delta staged in shared memory):
 //            grad_v = sum_i P dO_i, grad_k = scale * sum_i dS q_i. Each key row has one owner: no atomics.
 //   Every element of grad_q and grad_kv is written exactly once, so they need no zeroing; deterministic.
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
-#include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -339,8 +340,6 @@ void check_lofi_cuda_shapes(const LofiInputs& in) {
                     "32 bits)");
 }
 
-int64_t multiprocessor_count() { return at::cuda::getCurrentDeviceProperties()->multiProcessorCount; }
-
 template <typename acc_t>
 LofiPlan checked_plan(const LofiInputs& in, int dpt, LofiKernel kind) {
   const bool dkv = kind == LofiKernel::kBackwardDkv;
@@ -396,7 +395,7 @@ std::tuple<at::Tensor, at::Tensor> lofi_attention_cuda(const at::Tensor& q, cons
   if (out.numel() == 0) return {out, lse};
   check_lofi_cuda_shapes(in);
   const c10::cuda::CUDAGuard guard(in.q.device());
-  const auto stream = at::cuda::getCurrentCUDAStream();
+  const auto stream = c10::cuda::getCurrentCUDAStream();
   const bool vec4 = lofi_rows_are_vec4(in, {&in.q, &in.kv, &out});
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.q.scalar_type(), "effvit::lofi_attention", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -426,7 +425,7 @@ std::tuple<at::Tensor, at::Tensor> lofi_attention_backward_cuda(const at::Tensor
   at::Tensor grad_kv = at::empty({in.B, in.M, 2 * in.C()}, in.q.options());
   check_lofi_cuda_shapes(in);
   const c10::cuda::CUDAGuard guard(in.q.device());
-  const auto stream = at::cuda::getCurrentCUDAStream();
+  const auto stream = c10::cuda::getCurrentCUDAStream();
   const at::Tensor grad_out_c = grad_out.contiguous(), out_c = out.contiguous(), lse_c = lse.contiguous();
   const at::Tensor delta = at::empty({in.B, in.heads, in.N}, lse_c.options());  // dO . O, from the dq kernel
   const bool vec4 = lofi_rows_are_vec4(in, {&in.q, &in.kv, &grad_out_c, &out_c, &grad_q, &grad_kv});

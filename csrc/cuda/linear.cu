@@ -26,10 +26,11 @@
 // per (t, 4 rows) pair. Global rows are read and written by element, in the order of the tensor's smaller
 // stride (tokens fastest for (B, H, D, N) memory, dims fastest otherwise), so both layouts coalesce.
 // Index math: 64-bit for global offsets (any strides), 32-bit inside tiles and shared memory.
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
-#include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -52,6 +53,7 @@ namespace {
 
 using attn::acc_exp;
 using attn::dynamic_smem;
+using attn::multiprocessor_count;
 using attn::Vec4;
 
 // ---- BEGIN linear device code -------------------------------------------------------------------------
@@ -589,8 +591,6 @@ __global__ void sum_chunks_kernel(const acc_t* __restrict__ partial, acc_t* __re
 
 constexpr int64_t kMaxDim = 128;
 
-int64_t multiprocessor_count() { return at::cuda::getCurrentDeviceProperties()->multiProcessorCount; }
-
 template <typename T, typename U>
 Src<T> make_src(U* ptr, const Strides4& s) {
   return Src<T>{ptr, s.b, s.h, s.n, s.d, s.n < s.d};
@@ -678,7 +678,7 @@ std::tuple<at::Tensor, at::Tensor> linear_attention_cuda(const at::Tensor& q, co
   check_linear_cuda_shapes(in);
   at::Tensor state = at::empty({in.B, in.H, in.D, in.Dv + 1}, acc_opts);
   const c10::cuda::CUDAGuard guard(in.q.device());
-  const auto stream = at::cuda::getCurrentCUDAStream();
+  const auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.q.scalar_type(), "effvit::linear_attention", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     launch_outer<scalar_t, scalar_t, acc_t>(in, make_src<const scalar_t>(in.k.const_data_ptr<scalar_t>(), in.ks),
@@ -715,7 +715,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_attention_back
   at::Tensor grad_v = at::empty({in.B, in.H, in.N, in.Dv}, in.q.options());
   const int64_t E = in.Dv + 1, BH = in.B * in.H;
   const c10::cuda::CUDAGuard guard(in.q.device());
-  const auto stream = at::cuda::getCurrentCUDAStream();
+  const auto stream = c10::cuda::getCurrentCUDAStream();
   const at::Tensor state_c = state.contiguous();
   at::Tensor y_scratch = at::empty({in.B, in.H, in.N, E}, acc_opts);  // [dnum, dden] per token
   at::Tensor grad_state = at::empty({in.B, in.H, in.D, E}, acc_opts);  // [dS | dz]

@@ -5,7 +5,10 @@
 // mapping of csrc/common/shift_geometry.h. The fused op reads x twice: for the GroupNorm statistics
 // (double-precision sums reduced per block, then per sample by a one-block-per-sample finishing kernel:
 // deterministic, no atomics), then to write both outputs, so no output is read back.
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/zeros.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <c10/cuda/CUDAException.h>

@@ -43,7 +43,9 @@
 // Every output element is written exactly once (the tests poison new tensors with NaN); no atomics, every sum
 // in a fixed order: deterministic. No host synchronisation: shapes are static, the ranks stay on the device.
 // Index math: 64-bit for global offsets (any input strides), 32-bit for positions inside a row or image.
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <c10/cuda/CUDAException.h>

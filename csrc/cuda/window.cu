@@ -34,7 +34,9 @@
 //           shared memory, then added to grad_pad_qkv with global atomics.
 //   Every real token is written exactly once to grad_qkv (its q part by the dq kernel, its k and v parts by
 //   the dk/dv kernel), since each real token sits in exactly one window.
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <c10/cuda/CUDAException.h>
