@@ -28,15 +28,17 @@ build: $(VENV)/.built
 bench: build
 	$(VENV)/bin/effvit-bench --out bench-out/$(MACHINE) $(BENCH_ARGS)
 
+# pytest-xdist (in the test extra) spreads the tests over every core
+TEST_WORKERS ?= auto
 test: build
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) tests
 
 test-fast: build
-	$(PY) -m pytest -q tests -m "not slow"
+	$(PY) -m pytest -q -n $(TEST_WORKERS) tests -m "not slow"
 
 # fresh random cases instead of the fixed per-test seeds `make test` uses; a failure prints its seed
 test-fuzz: build
-	EFFVIT_TEST_SEED=random $(PY) -m pytest -q tests
+	EFFVIT_TEST_SEED=random $(PY) -m pytest -q -n $(TEST_WORKERS) tests
 
 # the same cases through pytest-benchmark (bench/), for its history and comparison tools
 bench-pytest: build

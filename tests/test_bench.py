@@ -2,21 +2,40 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import io
 import json
 import os
 import subprocess
 import sys
 
 import pytest
+import torch
 
 import effvit.bench
-from effvit.bench import report
+from effvit.bench import cli, plot, report
 
 TINY = ["--family", "shift", "--shape", "7x7x768", "--batch", "1", "--budget", "0.02", "--no-memory"]
 
 
-def _bench(*args, timeout=600):
+def _bench(*args) -> subprocess.CompletedProcess:
+    """effvit-bench's main() in this process, with its exit status, stdout and stderr as a subprocess would
+    give them: a subprocess pays for importing torch again (~20 s on a slow 2-core VM), which for this file's
+    twenty calls was minutes of the suite. test_tiny_run_writes_json_csv_markdown runs the real command."""
+    stdout, stderr = io.StringIO(), io.StringIO()
+    threads = torch.get_num_threads()
+    try:
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+            code = cli.main(list(args))
+    except SystemExit as exit_:
+        code = exit_.code if isinstance(exit_.code, int) else 1
+    finally:
+        torch.set_num_threads(threads)
+    return subprocess.CompletedProcess(["effvit-bench", *args], code, stdout.getvalue(), stderr.getvalue())
+
+
+def _bench_process(*args, timeout=600):
     return subprocess.run([sys.executable, "-m", "effvit.bench", *args], capture_output=True, text=True,
                           timeout=timeout)
 
@@ -35,7 +54,7 @@ def test_list_shows_cases_and_skips():
 
 @pytest.mark.slow
 def test_tiny_run_writes_json_csv_markdown(tmp_path):
-    out = _bench(*TINY, "--out", str(tmp_path), "--no-peers")
+    out = _bench_process(*TINY, "--out", str(tmp_path), "--no-peers")
     assert out.returncode == 0, out.stderr
     data = json.loads((tmp_path / "bench.json").read_text())
     for key in ("settings", "machine", "peaks", "records", "command"):
@@ -63,9 +82,7 @@ def test_plot_writes_pngs(tmp_path):
     for name in pngs:
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # the same from the recorded JSON, into another folder
-    again = subprocess.run([sys.executable, "-m", "effvit.bench.plot", str(tmp_path / "bench.json"), "--out",
-                            str(tmp_path / "replot")], capture_output=True, text=True, timeout=300)
-    assert again.returncode == 0, again.stderr
+    assert plot.main([str(tmp_path / "bench.json"), "--out", str(tmp_path / "replot")]) == 0
     assert sorted(p.name for p in (tmp_path / "replot").glob("*.png")) == pngs
 
 

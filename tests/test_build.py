@@ -167,7 +167,8 @@ def test_cuda_kernels_registered_and_compiled_for_each_arch():
 
 @pytest.mark.slow
 def test_cmake_build_for_cpp_users(tmp_path):
-    """CMakeLists.txt builds csrc/ against LibTorch (with the CUDA kernels when nvcc is there); the library
+    """CMakeLists.txt builds csrc/ against LibTorch (with the CUDA kernels when nvcc is there, unless
+    EFFVIT_NO_CUDA is set, as for the pip build); the library
     registers working ops. The build is limited to the shift family (EFFVIT_FAMILIES): the CMake logic and the
     flags are the same for every family, the pip build compiles every source, and a whole second build
     would double the CI's build time on a 2-core machine."""
@@ -175,7 +176,8 @@ def test_cmake_build_for_cpp_users(tmp_path):
     cmake = beside_python if os.path.exists(beside_python) else shutil.which("cmake")
     if cmake is None:
         pytest.skip("cmake not found")
-    with_cuda = bool(torch.version.cuda and shutil.which("nvcc"))
+    no_cuda = os.environ.get("EFFVIT_NO_CUDA", "").strip().lower() in ("1", "true", "yes", "on")
+    with_cuda = bool(torch.version.cuda and shutil.which("nvcc")) and not no_cuda
     build = tmp_path / "build"
     options = [f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}", f"-DEFFVIT_WITH_CUDA={'ON' if with_cuda else 'OFF'}",
                "-DCMAKE_CUDA_ARCHITECTURES=80", "-DCMAKE_BUILD_TYPE=Release"]
