@@ -305,6 +305,18 @@ def test_effective_window_follows_timm():
     assert ref.effective_window((5, 10), (7, 7), (3, 3), always_partition=True) == ((7, 7), (3, 3))
 
 
+def test_reference_core_takes_a_premade_shift_mask(seed):
+    """The benchmark's eager peers take the shift mask made once, as timm's attn_mask buffer: the same numbers
+    as making it per call, and the argument is really used."""
+    qkv = torch.randn(2, 10, 13, 3 * 32, dtype=torch.float64)
+    table = torch.randn(7 * 7, 2, dtype=torch.float64)
+    args = (table, 2, (4, 4), (2, 2), 16 ** -0.5, None)
+    mask = ref.shift_region_mask(12, 16, (4, 4), (2, 2), dtype=torch.float64)
+    made_here = ref.window_attention_core(qkv, *args)
+    assert torch.equal(ref.window_attention_core(qkv, *args, shift_mask=mask), made_here)
+    assert not torch.allclose(ref.window_attention_core(qkv, *args, shift_mask=torch.zeros_like(mask)), made_here)
+
+
 # ---- timm: patched models give the same numbers --------------------------------------------------
 
 try:

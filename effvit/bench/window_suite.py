@@ -76,14 +76,14 @@ def _counts(B: int, stage: dict, window) -> tuple[float, float]:
     return 4.0 * windows * heads * n * n * (C // heads), float(B * H * W)
 
 
-def _sdpa_core(qkv, table, heads, window, shift, scale, pad):
-    """timm's fused_attn branch of WindowAttention.forward on the same partitioned qkv (its peer)."""
+def _sdpa_core(qkv, table, heads, window, shift, scale, pad, mask):
+    """timm's fused_attn branch of WindowAttention.forward on the same partitioned qkv (its peer); mask: the
+    shift mask made beforehand, as timm's attn_mask buffer."""
     B, H, W, C3 = qkv.shape
     windows, Hp, Wp = reference._pad_and_partition(qkv, window, shift, pad)
     B_, N, _ = windows.shape
     q, k, v = windows.reshape(B_, N, 3, heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
     attn_mask = reference.relative_position_bias(table, window).unsqueeze(0).to(qkv.dtype)
-    mask = reference.shift_region_mask(Hp, Wp, window, shift, qkv.device, qkv.dtype)
     if mask is not None:
         nw = mask.shape[0]
         mask = mask.view(1, nw, 1, N, N).expand(B_ // nw, -1, heads, -1, -1)
@@ -152,11 +152,17 @@ def _core_case(B: int, stage: dict, shift_in: int, dtype, opts: SuiteOptions, di
         return lambda qkv, table, pad: effvit.window_attention(qkv, heads, window, shift, table, pad, scale,
                                                                backend=backend)
 
+    # Made once, as timm's SwinTransformerBlock keeps it (the attn_mask buffer), not on every call: the peers
+    # pay for the attention, not for rebuilding the mask (which also made torch.compile emit ~18k lines of C++
+    # per shape on CPU).
+    Hp, Wp = reference.padded_size(H, W, window)
+    shift_mask = reference.shift_region_mask(Hp, Wp, window, shift, device, dtype)
+
     def eager(qkv, table, pad):
-        return reference.window_attention_core(qkv, table, heads, window, shift, scale, pad)
+        return reference.window_attention_core(qkv, table, heads, window, shift, scale, pad, shift_mask)
 
     def sdpa(qkv, table, pad):
-        return _sdpa_core(qkv, table, heads, window, shift, scale, pad)
+        return _sdpa_core(qkv, table, heads, window, shift, scale, pad, shift_mask)
 
     def builder(fn):
         return lambda: timed_step(fn, backward, (B, H, W, C), device, dtype)

@@ -136,14 +136,17 @@ def _reverse_and_crop(windows: torch.Tensor, window, shift, H: int, W: int, Hp: 
 
 def window_attention_core(qkv: torch.Tensor, bias_table: torch.Tensor | None, num_heads: int,
                           window: tuple[int, int], shift: tuple[int, int], scale: float,
-                          pad_qkv: torch.Tensor | None = None) -> torch.Tensor:
+                          pad_qkv: torch.Tensor | None = None, shift_mask: torch.Tensor | None = None
+                          ) -> torch.Tensor:
     """The fused op's reference. qkv: [B, H, W, 3C] (channels ordered (3, nH, head_dim) as timm's reshape
     reads them); bias_table: [(2*wh-1)*(2*ww-1), nH] or None; pad_qkv: [3C], the qkv of a zero token
-    (the Linear's bias), or None for zeros. Returns [B, H, W, C], before proj."""
+    (the Linear's bias), or None for zeros; shift_mask: shift_region_mask's [nW, N, N] made beforehand, as
+    timm keeps it (its attn_mask buffer, made once per block), or None to make it here. Returns [B, H, W, C],
+    before proj."""
     B, H, W, _ = qkv.shape
     windows, Hp, Wp = _pad_and_partition(qkv, window, shift, pad_qkv)
     bias = relative_position_bias(bias_table, window) if bias_table is not None else None
-    mask = shift_region_mask(Hp, Wp, window, shift, qkv.device, qkv.dtype)
+    mask = shift_region_mask(Hp, Wp, window, shift, qkv.device, qkv.dtype) if shift_mask is None else shift_mask
     x, _ = _windowed_attention(windows, bias, mask, num_heads, scale)
     return _reverse_and_crop(x, window, shift, H, W, Hp, Wp)
 
