@@ -52,6 +52,27 @@ def test_list_shows_cases_and_skips():
     assert "4 cases" in text
 
 
+def test_bare_run_is_the_tour_and_all_is_every_suite():
+    tour = _bench("--list")
+    assert tour.returncode == 0, tour.stderr
+    keys = [line.split(" float32")[0] for line in tour.stdout.splitlines() if "/" in line and not line.startswith(" ")]
+    assert sorted(keys) == sorted([
+        "hilo/layer B1 H14 W14 C384 heads12 ws2 alpha0.9", "hilo/lofi B1 N196 M49 heads10 head_dim32",
+        "linear/core B1 N3136 heads8 D32", "shift/shift B1 C96 H56 W56 n_div12",
+        "shift/shift_group_norm B1 C96 H56 W56 n_div12", "token_drop/drop B1 N197 C384 heads6 keep138",
+        "token_drop/drop B64 N197 C384 heads6 keep138", "token_drop/model B8 modelvit_small_patch16_224 img224",
+        "window/core B1 H56 W56 C96 heads3 ws7 shift0", "window/core B1 H56 W56 C96 heads3 ws7 shift3",
+        "window/attn B1 H56 W56 C96 heads3 ws7 shift0", "window/attn B1 H56 W56 C96 heads3 ws7 shift3",
+        "window/model B1 modelswin_t img224"])
+    everything = _bench("--list", "--all")
+    assert everything.returncode == 0, everything.stderr
+    count = lambda out: int(out.stdout.split(" cases, ")[0].rsplit("\n", 1)[-1])  # noqa: E731
+    assert count(tour) == 13 and count(everything) > 40
+    # choosing anything leaves the tour: a family alone is its whole suite
+    window = _bench("--list", "--family", "window")
+    assert "window/core B8 H28 W28 C192" in window.stdout and "hilo/" not in window.stdout
+
+
 @pytest.mark.slow
 def test_tiny_run_writes_json_csv_markdown(tmp_path):
     out = _bench_process(*TINY, "--out", str(tmp_path), "--no-peers")

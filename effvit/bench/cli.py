@@ -1,6 +1,7 @@
 """effvit-bench: time effvit's kernels against the code they replace.
 
-    effvit-bench                          # the default suite (a few minutes on a 2-core CPU)
+    effvit-bench                          # a tour: one telling shape per family (~10 minutes on a 2-core CPU)
+    effvit-bench --all                    # every family's whole suite (30-60 minutes on a 2-core CPU)
     effvit-bench --list                   # what would run, and why any implementation is skipped
     effvit-bench --family shift --shape 7x7x768 --batch 64 --backward --out results/
     effvit-bench --compare old/bench.json --fail-if-regression 10
@@ -34,7 +35,10 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="effvit-bench", description=__doc__.split("\n\n")[0],
                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
-    p.add_argument("--family", action="append", help="family to run (repeatable); default: all")
+    p.add_argument("--family", action="append",
+                   help="family to run, its whole suite (repeatable); default: a tour of every family")
+    p.add_argument("--all", action="store_true",
+                   help="every family's whole suite instead of the tour a bare effvit-bench runs")
     p.add_argument("--op", action="append", help="op within a family (repeatable), e.g. shift_group_norm")
     p.add_argument("--backend", action="append", choices=backends_mod.KERNEL_BACKENDS,
                    help="effvit backend to time (repeatable); default: every one that can run")
@@ -101,13 +105,18 @@ def _validate(p: argparse.ArgumentParser, args) -> str:
     return device
 
 
+def _tour(args) -> bool:
+    """A bare run (nothing chosen) is the tour."""
+    return not (args.all or args.family or args.op or args.shape or args.batch)
+
+
 def _list(args, device: str) -> None:
     opts = cases_mod.SuiteOptions(
         device=device, dtypes=tuple(runner.DTYPES[d] for d in (args.dtype or ["float32"])),
         batches=tuple(args.batch) if args.batch else None, shapes=tuple(args.shape) if args.shape else None,
         directions=_directions(args), backends=tuple(args.backend) if args.backend else None,
         peers=not args.no_peers, quick=args.quick)
-    found = runner.collect_cases(args.family, opts, args.op)
+    found = runner.collect_cases(args.family, opts, args.op, _tour(args))
     for case in found:
         print(case.key)
         for name in case.impls:
@@ -158,7 +167,8 @@ def main(argv: list[str] | None = None) -> int:
     kwargs = dict(ops=args.op, backends=args.backend, dtypes=args.dtype or ["float32"], shapes=args.shape,
                   batches=args.batch, device=device, forward="fwd" in directions, backward="fwd+bwd" in directions,
                   quick=args.quick, threads=args.threads, peers=not args.no_peers, policy=policy,
-                  retain_freed_memory=not args.system_malloc, memory=not args.no_memory, progress=progress)
+                  retain_freed_memory=not args.system_malloc, memory=not args.no_memory, tour=_tour(args),
+                  progress=progress)
     if bar is not None:
         with bar:
             result = runner.run(args.family, **kwargs)

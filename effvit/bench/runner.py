@@ -17,13 +17,29 @@ from effvit.bench.cases import Case, SuiteOptions
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
 
-def collect_cases(families: Iterable[str] | None, opts: SuiteOptions, ops: Iterable[str] | None = None) -> list[Case]:
+# A bare `effvit-bench` (and `make bench`): one telling shape per family at batch 1 (token dropping also at
+# batch 64, and one whole model each for the window and token-drop families), every op and peer. The families'
+# whole suites (`--all`, or `--family NAME`) take 30-60 minutes on a 2-core CPU with a cold torch.compile cache.
+TOUR: dict[str, dict] = {
+    "shift": {"shapes": ("56x56x96",), "batches": (1,)},
+    "window": {"shapes": ("56x56x96", "swin_t"), "batches": (1,)},
+    "hilo": {"shapes": ("14x14x384",), "batches": (1,)},
+    "linear": {"shapes": ("N3136",), "batches": (1,)},
+    "token_drop": {"shapes": ("vit_s", "vit_small_patch16_224"), "batches": None},
+}
+
+
+def collect_cases(families: Iterable[str] | None, opts: SuiteOptions, ops: Iterable[str] | None = None,
+                  tour: bool = False) -> list[Case]:
+    """The cases asked for; tour: each family's TOUR shapes and batches instead of its whole suite."""
     suites = cases_mod.suites()
     chosen = list(families) if families else list(suites)
     out = []
     for fam in chosen:
         fam_opts = opts
-        if opts.shapes:  # shapes may name several families' cases: each suite gets its own (or is left out)
+        if tour and fam in TOUR:
+            fam_opts = dataclasses.replace(opts, shapes=TOUR[fam]["shapes"], batches=TOUR[fam]["batches"])
+        elif opts.shapes:  # shapes may name several families' cases: each suite gets its own (or is left out)
             own = tuple(s for s in opts.shapes if s in cases_mod.shapes(fam))
             if not own:
                 continue
@@ -40,9 +56,9 @@ def run(families: Iterable[str] | None = None, *, ops: Iterable[str] | None = No
         shapes: Iterable[str] | None = None, batches: Iterable[int] | None = None, device: str = "cpu",
         backward: bool = False, forward: bool = True, quick: bool = False, threads: int | None = None,
         peers: bool = True, policy: timing.TimingPolicy | None = None, measure_peaks: bool = True,
-        retain_freed_memory: bool = True, memory: bool = True,
+        retain_freed_memory: bool = True, memory: bool = True, tour: bool = False,
         progress: Callable[[int, int, str], None] | None = None) -> dict:
-    """Times every case and implementation asked for.
+    """Times every case and implementation asked for (tour: each family's TOUR cases, as a bare effvit-bench).
 
     Returns {"settings", "machine", "peaks", "records"}; "records" is a list of flat dicts (one per
     case and implementation, skipped ones included), ready for pandas.DataFrame.
@@ -57,7 +73,7 @@ def run(families: Iterable[str] | None = None, *, ops: Iterable[str] | None = No
                         directions=directions, backends=tuple(backends) if backends else None, peers=peers,
                         quick=quick)
     started = datetime.now(timezone.utc)
-    all_cases = collect_cases(families, opts, ops)
+    all_cases = collect_cases(families, opts, ops, tour)
     peaks = timing.measure_peaks(device, quick) if measure_peaks else {}
     records: list[dict] = []
     total = sum(len(c.impls) for c in all_cases)
@@ -105,7 +121,7 @@ def run(families: Iterable[str] | None = None, *, ops: Iterable[str] | None = No
         "families": list(families) if families else sorted(cases_mod.suites()), "ops": list(ops) if ops else None,
         "backends": list(backends) if backends else None, "dtypes": list(dtypes),
         "shapes": list(shapes) if shapes else None, "batches": list(batches) if batches else None,
-        "device": device, "directions": list(directions), "quick": quick, "peers": peers,
+        "device": device, "directions": list(directions), "quick": quick, "tour": tour, "peers": peers,
         "threads": torch.get_num_threads(), "retain_freed_memory": retained,
         "policy": policy.__dict__, "started": started.isoformat(timespec="seconds"),
         "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
