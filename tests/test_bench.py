@@ -193,8 +193,8 @@ def test_window_core_tiny_run():
         ops = ("core", "attn")
     except ImportError:
         ops = ("core",)
-    for op in ops:
-        for impl in ("effvit:cpu", "eager", "timm-sdpa"):
+    for op in ops:  # the compile peers are compiled when built, not when listed: they must still run
+        for impl in ("effvit:cpu", "eager", "timm-sdpa", "compile"):
             assert (op, impl, "fwd+bwd") in ok, (op, impl, sorted(ok))
 
 
@@ -208,9 +208,9 @@ def test_hilo_suite_lists_the_paper_table():
 
 def test_hilo_linear_token_drop_tiny_runs():
     policy = effvit.bench.timing.TimingPolicy(budget_s=0.01, min_repeats=2, warmup=1)
-    for family, ops, shapes, peers in (("hilo", ["layer", "lofi"], ["14x14x384"], ("eager",)),
-                                       ("linear", ["core"], ["N196"], ("eager", "sdpa-softmax")),
-                                       ("token_drop", ["drop"], ["vit_s"], ("eager",))):
+    for family, ops, shapes, peers in (("hilo", ["layer", "lofi"], ["14x14x384"], ("eager", "compile")),
+                                       ("linear", ["core"], ["N196"], ("eager", "sdpa-softmax", "compile")),
+                                       ("token_drop", ["drop"], ["vit_s"], ("eager", "compile"))):
         result = effvit.bench.run([family], ops=ops, shapes=shapes, batches=[1], peers=True, measure_peaks=False,
                                   memory=False, backward=True, policy=policy)
         ok = {(r["op"], r["impl"], r["direction"]) for r in result["records"] if r["status"] == "ok"}

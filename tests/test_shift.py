@@ -13,7 +13,7 @@ import effvit
 from effvit import reference
 from effvit.reference import shift as ref_shift
 
-from conftest import ALL_DTYPES, DEVICE, assert_close_rel, kernel_backends, requires_ext
+from conftest import ALL_DTYPES, DEVICE, assert_close_rel, in_triton_interpreter, kernel_backends, requires_ext
 
 BACKENDS = kernel_backends(DEVICE)
 LAYOUTS = ("NCHW", "NHWC")
@@ -137,8 +137,7 @@ def test_shift_group_norm_backward_matches_reference(backend, layout, memory, dt
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_gradcheck_float64(backend, layout, seed):
-    # the Triton interpreter costs ~0.1 s a launch: fast mode (random projections of the Jacobian)
-    fast = backend == "triton" and DEVICE == "cpu"
+    fast = in_triton_interpreter(backend)
     shape, n_div = ((1, 5, 3, 4) if fast else (2, 9, 4, 5)), 4
     C = shape[1]
     x = make_input(shape, layout, "strided", torch.float64).requires_grad_()
@@ -207,7 +206,7 @@ def test_second_derivatives(backend, seed):
     only, and says so instead of giving wrong second ones."""
     x = torch.randn(1, 8, 3, 4, device=DEVICE, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradgradcheck(lambda t: effvit.shift(t, 4, backend=backend), (x,),
-                                        fast_mode=backend == "triton")
+                                        fast_mode=in_triton_interpreter(backend))
     s, y = effvit.shift_group_norm(x, 4, backend=backend)
     (g,) = torch.autograd.grad(y.sum(), x, create_graph=True)
     with pytest.raises(RuntimeError, match="once_differentiable|does not require grad"):

@@ -17,7 +17,7 @@ import effvit
 from effvit.ops import token_drop as td_ops
 from effvit.reference import token_drop as ref
 
-from conftest import ALL_DTYPES, DEVICE, REL_TOL, assert_close_rel, kernel_backends, rel_error
+from conftest import ALL_DTYPES, DEVICE, REL_TOL, assert_close_rel, in_triton_interpreter, kernel_backends, rel_error
 
 BACKENDS = kernel_backends(DEVICE, "token_drop")
 ACC = {torch.float64: torch.float64}
@@ -120,19 +120,12 @@ def test_scores_backward_matches_reference(backend, dtype, trial, seed, poisoned
     assert_close_rel(gk, ek, dtype, f"grad k {case}", scale=terms * q64.abs().max().item() / k64.abs().max().item())
 
 
-def _in_interpreter(backend: str) -> bool:
-    """Triton on CPU tensors runs in Triton's interpreter (~0.5 s a call here): gradcheck then takes random
-    projections of the Jacobian (fast mode) instead of one call per input element; the full check of the scores
-    took 460 s of CI's 90 minutes. The GPU check runs the full one on a GPU."""
-    return backend == "triton" and DEVICE == "cpu"
-
-
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_scores_gradcheck_float64(backend, seed):
     case = dict(B=2, H=3, N=9, D=8, P=1, strided=True)
     q, k = make_qk(case, torch.float64, requires_grad=True)
     assert gradcheck(lambda q, k: effvit.cls_attention_scores(q, k, 0.4, 1, backend=backend), (q, k), eps=1e-6,
-                     atol=1e-7, fast_mode=_in_interpreter(backend))
+                     atol=1e-7, fast_mode=in_triton_interpreter(backend))
 
 
 # ---- drop --------------------------------------------------------------------------------------------
@@ -202,7 +195,7 @@ def test_drop_gradcheck_float64(backend, fuse, seed):
     case = dict(B=2, N=9, C=5, P=1, keep=5, fuse=fuse, spatial=False, strided=True)
     x, scores = make_x_scores(case, torch.float64, requires_grad=True)
     fn = lambda x, s: effvit.drop_tokens(x, s, 5, 1, fuse, backend=backend)[0]  # noqa: E731
-    assert gradcheck(fn, (x, scores), eps=1e-6, atol=1e-7, fast_mode=_in_interpreter(backend))
+    assert gradcheck(fn, (x, scores), eps=1e-6, atol=1e-7, fast_mode=in_triton_interpreter(backend))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

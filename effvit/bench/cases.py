@@ -9,6 +9,8 @@ shapes and settings asked for.
 from __future__ import annotations
 
 import copy
+import functools
+import importlib.util
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
@@ -102,22 +104,26 @@ def kernel_impls(family: str, x: torch.Tensor, wanted: tuple[str, ...] | None, f
     return impls, skipped
 
 
-def compile_peer(fn: Callable) -> tuple[Callable | None, str | None]:
-    """torch.compile of the reference, or why it is unavailable."""
-    try:
-        import torch._inductor  # noqa: F401
-    except Exception as e:  # pragma: no cover - depends on the install
-        return None, f"torch.compile unavailable: {e}"
-    return torch.compile(fn, dynamic=False), None
+def compile_unavailable() -> str | None:
+    """Why torch.compile cannot be a peer on this install, or None. Only looked up: importing inductor takes
+    seconds, so the compiling waits for the timing (``effvit-bench --list`` stays quick)."""
+    if importlib.util.find_spec("torch._inductor") is None:  # pragma: no cover - depends on the install
+        return "torch.compile unavailable: this torch has no torch._inductor"
+    return None
+
+
+def compiled(fn: Callable) -> Callable:
+    """torch.compile of a peer, at static shapes."""
+    return torch.compile(fn, dynamic=False)
 
 
 def add_compile_peer(impls: dict, skipped: dict, fn: Callable, builder: Callable) -> None:
     """torch.compile of ``fn`` as the case's "compile" peer (timed through ``builder``), or why it is skipped."""
-    compiled, why = compile_peer(fn)
-    if compiled is None:
+    why = compile_unavailable()
+    if why:
         skipped["compile"] = why
     else:
-        impls["compile"] = builder(compiled)
+        impls["compile"] = lambda: builder(compiled(fn))()
 
 
 def with_backward(forward: Callable[..., tuple], grads: tuple) -> Callable[..., None]:
@@ -148,42 +154,43 @@ def element_size(dtype: torch.dtype) -> int:
 
 def timm_model_case(family: str, B: int, model_name: str, img: int, gflops: float, dtype, opts: SuiteOptions,
                     direction: str, probe_shape: tuple, probe_args: tuple = (), patch_kwargs: dict | None = None,
-                    extra_peers: Callable | None = None, extra_skipped: dict | None = None,
+                    extra_peers: dict[str, Callable] | None = None, extra_skipped: dict | None = None,
                     params: dict | None = None) -> Case:
     """Images/s of timm's ``model_name`` (random weights) patched by effvit.patch.timm(**patch_kwargs) with each
     backend, against the unpatched model ("eager"). ``probe_shape`` / ``probe_args``: what the family's capability
-    checks read; ``extra_peers(model)``: more peers, {name: fn(images)}; gflops: the unpatched forward's."""
+    checks read; ``extra_peers``: more peers, {name: fn(model, images)}; gflops: the unpatched forward's. The model
+    is made when the first implementation is built, not when the case is listed."""
     device, backward = opts.device, direction == "fwd+bwd"
     impls, skipped = {}, {}
-    try:
-        import timm
-    except ImportError:
-        timm = None
-        skipped["all"] = "timm is not installed (pip install timm)"
 
     def make_inputs():
         return (torch.randn((B, 3, img, img), device=device, dtype=dtype).requires_grad_(backward),)
 
-    def step(fn):
-        return lambda: timed_step(fn, backward, (B, 1000), device, dtype)
+    @functools.cache
+    def model():
+        import timm
 
-    if timm is not None:
-        model = timm.create_model(model_name, pretrained=False).to(device=device, dtype=dtype).eval()
+        return timm.create_model(model_name, pretrained=False).to(device=device, dtype=dtype).eval()
 
+    def step(fn_of_model):
+        return lambda: timed_step(fn_of_model(model()), backward, (B, 1000), device, dtype)
+
+    if importlib.util.find_spec("timm") is None:
+        skipped["all"] = "timm is not installed (pip install timm)"
+    else:
         def patched(backend):
-            def build():
+            def patch(m):
                 import effvit
 
-                m = effvit.patch.timm(copy.deepcopy(model), backend=backend, **(patch_kwargs or {}))
-                return timed_step(m, backward, (B, 1000), device, dtype)
-            return build
+                return effvit.patch.timm(copy.deepcopy(m), backend=backend, **(patch_kwargs or {}))
+            return step(patch)
 
         impls, skipped = kernel_impls(family, torch.empty(probe_shape, device=device, dtype=dtype), opts.backends,
                                       patched, args=probe_args)
         if opts.peers:
-            impls["eager"] = step(model)
-            for name, fn in (extra_peers(model) if extra_peers else {}).items():
-                impls[name] = step(fn)
+            impls["eager"] = step(lambda m: m)
+            for name, fn in (extra_peers or {}).items():
+                impls[name] = step(lambda m, fn=fn: functools.partial(fn, m))
             skipped["compile"] = "torch.compile of the whole model is left out (minutes of compilation)"
             skipped.update(extra_skipped or {})
     return Case(family=family, op="model", params=params or {"B": B, "model": model_name, "img": img}, dtype=dtype,
@@ -191,5 +198,5 @@ def timm_model_case(family: str, B: int, model_name: str, img: int, gflops: floa
                 flops=gflops * 1e9 * B * (3 if backward else 1), input_bytes=B * 3 * img * img * element_size(dtype))
 
 
-__all__ = ["Case", "SuiteOptions", "register_suite", "suites", "shapes", "kernel_impls", "compile_peer",
-           "add_compile_peer", "with_backward", "timed_step", "element_size", "timm_model_case"]
+__all__ = ["Case", "SuiteOptions", "register_suite", "suites", "shapes", "kernel_impls", "compile_unavailable",
+           "compiled", "add_compile_peer", "with_backward", "timed_step", "element_size", "timm_model_case"]

@@ -96,7 +96,7 @@ def _model_case(B: int, stage: dict, dtype, opts: SuiteOptions, direction: str) 
     return timm_model_case(
         "token_drop", B, stage["model"], stage["img"], stage["gflops"], dtype, opts, direction,
         probe_shape=(B, 197, 384), patch_kwargs={"keep_rate": KEEP_RATE, "drop_loc": DROP_LOC},
-        extra_peers=lambda model: {"evit-eager": lambda x: reference.evit_forward(model, x, KEEP_RATE, DROP_LOC)},
+        extra_peers={"evit-eager": lambda model, x: reference.evit_forward(model, x, KEEP_RATE, DROP_LOC)},
         extra_skipped={"tome": "ToMe-style merging is not built in effvit"})
 
 

@@ -15,6 +15,8 @@ ops:
 from __future__ import annotations
 
 import copy
+import functools
+import importlib.util
 import math
 from typing import Iterator
 
@@ -22,8 +24,8 @@ import torch
 import torch.nn.functional as F
 
 import effvit
-from effvit.bench.cases import Case, SuiteOptions, add_compile_peer, compile_peer, element_size, kernel_impls, \
-    register_suite, timed_step, timm_model_case
+from effvit.bench.cases import Case, SuiteOptions, add_compile_peer, compile_unavailable, compiled, element_size, \
+    kernel_impls, register_suite, timed_step, timm_model_case
 from effvit.reference import window as reference
 
 STAGES = {
@@ -205,11 +207,10 @@ def _attn_case(B: int, stage: dict, shift_in: int, dtype, opts: SuiteOptions, di
         flops, traffic = flops * 3, traffic * 3
     probe = torch.empty((B, 1, 1, 3 * C), device=device, dtype=dtype)
     impls, skipped = {}, {}
-    try:
-        base = _timm_block(stage, shift_in, device, dtype, fused_attn=False)
-    except ImportError:
-        base = None
-        skipped["all"] = "timm is not installed (pip install timm)"
+
+    @functools.cache
+    def base():  # timm's block, made when the first implementation is built, not when the case is listed
+        return _timm_block(stage, shift_in, device, dtype, fused_attn=False)
 
     def make_inputs():
         return (torch.randn((B, H, W, C), device=device, dtype=dtype).requires_grad_(backward),)
@@ -219,25 +220,26 @@ def _attn_case(B: int, stage: dict, shift_in: int, dtype, opts: SuiteOptions, di
             return timed_step(block_fn(), backward, (B, H, W, C), device, dtype)
         return build
 
-    if base is not None:
+    def copy_of_base(fused_attn: bool = False):
+        block = copy.deepcopy(base())
+        block.attn.fused_attn = fused_attn
+        return block
+
+    if importlib.util.find_spec("timm") is None:
+        skipped["all"] = "timm is not installed (pip install timm)"
+    else:
         def patched(backend):
-            def make():
-                block = copy.deepcopy(base)
-                effvit.patch.timm(block, backend=backend)
-                return block._attn
-            return builder_for(make)
+            return builder_for(lambda: effvit.patch.timm(copy_of_base(), backend=backend)._attn)
 
         impls, skipped = kernel_impls("window", probe, opts.backends, patched, args=(heads, window, shift))
         if opts.peers:
-            impls["eager"] = builder_for(lambda: base._attn)
-            sdpa_block = copy.deepcopy(base)
-            sdpa_block.attn.fused_attn = True
-            impls["timm-sdpa"] = builder_for(lambda: sdpa_block._attn)
-            compiled, why = compile_peer(base._attn)
-            if compiled is None:
+            impls["eager"] = builder_for(lambda: base()._attn)
+            impls["timm-sdpa"] = builder_for(lambda: copy_of_base(fused_attn=True)._attn)
+            why = compile_unavailable()
+            if why:
                 skipped["compile"] = why
             else:
-                impls["compile"] = builder_for(lambda: compiled)
+                impls["compile"] = builder_for(lambda: compiled(base()._attn))
     params = {"B": B, "H": H, "W": W, "C": C, "heads": heads, "ws": window[0], "shift": shift[0]}
     return Case(family="window", op="attn", params=params, dtype=dtype, device=device, direction=direction,
                 make_inputs=make_inputs, impls=impls, skipped=skipped, bytes=float(traffic), flops=flops,
