@@ -173,7 +173,7 @@ def test_cmake_build_for_cpp_users(tmp_path):
     flags are the same for every family, the pip build compiles every source, and a whole second build
     would double the CI's build time on a 2-core machine. The C++ is compiled at -O0: this checks the build logic
     and that the ops register and run, not their speed, and at -O3 csrc/cpu/shift.cpp alone took ~9 minutes of a
-    core in CI on a slow day (-O0: under 2)."""
+    core beside the other test worker on a slow day (-O0: under 2)."""
     beside_python = os.path.join(os.path.dirname(sys.executable), "cmake")
     cmake = beside_python if os.path.exists(beside_python) else shutil.which("cmake")
     if cmake is None:
