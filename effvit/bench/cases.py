@@ -112,6 +112,13 @@ def compile_unavailable() -> str | None:
     return None
 
 
+def timm_unavailable() -> str | None:
+    """Why the timm model and block cases cannot run on this install, or None (looked up, not imported)."""
+    if importlib.util.find_spec("timm") is None:
+        return "timm is not installed (pip install timm)"
+    return None
+
+
 def compiled(fn: Callable) -> Callable:
     """torch.compile of a peer, at static shapes."""
     return torch.compile(fn, dynamic=False)
@@ -175,8 +182,9 @@ def timm_model_case(family: str, B: int, model_name: str, img: int, gflops: floa
     def step(fn_of_model):
         return lambda: timed_step(fn_of_model(model()), backward, (B, 1000), device, dtype)
 
-    if importlib.util.find_spec("timm") is None:
-        skipped["all"] = "timm is not installed (pip install timm)"
+    why = timm_unavailable()
+    if why:
+        skipped["all"] = why
     else:
         def patched(backend):
             def patch(m):

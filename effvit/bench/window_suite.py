@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import importlib.util
 import math
 from typing import Iterator
 
@@ -25,7 +24,7 @@ import torch.nn.functional as F
 
 import effvit
 from effvit.bench.cases import Case, SuiteOptions, add_compile_peer, compile_unavailable, compiled, element_size, \
-    kernel_impls, register_suite, timed_step, timm_model_case
+    kernel_impls, register_suite, timed_step, timm_model_case, timm_unavailable
 from effvit.reference import window as reference
 
 STAGES = {
@@ -225,8 +224,9 @@ def _attn_case(B: int, stage: dict, shift_in: int, dtype, opts: SuiteOptions, di
         block.attn.fused_attn = fused_attn
         return block
 
-    if importlib.util.find_spec("timm") is None:
-        skipped["all"] = "timm is not installed (pip install timm)"
+    why = timm_unavailable()
+    if why:
+        skipped["all"] = why
     else:
         def patched(backend):
             return builder_for(lambda: effvit.patch.timm(copy_of_base(), backend=backend)._attn)
