@@ -108,6 +108,15 @@ def test_every_cpu_isa_variant_gives_the_same_numbers(isa):
         got = effvit.linear_attention(q, k, v, "relu", eps=1e-5, backend="cpu")
         want = L.linear_attention(q.double(), k.double(), v.double(), None, "relu", eps=1e-5)
         assert ((got.double() - want).abs().max() / want.abs().max()) < 1e-5, "linear attention differs"
+        # token drop: the CLS scores' dot products and the fused token's weighted sum
+        from effvit.reference import token_drop as T
+        q, k = torch.randn(2, 3, 40), torch.randn(2, 3, 37, 40)
+        got = effvit.cls_attention_scores(q, k, 0.2, 1, backend="cpu")
+        assert (got.double() - T.cls_attention_scores(q.double(), k.double(), 0.2, 1)).abs().max() < 1e-6, "scores"
+        x, s = torch.randn(2, 37, 200), torch.rand(2, 36)
+        got, index = effvit.drop_tokens(x, s, 20, 1, True, backend="cpu")
+        want, want_index = T.drop_tokens(x.double(), s.double(), 20, 1, True, False)
+        assert torch.equal(index, want_index) and (got.double() - want).abs().max() < 1e-5, "drop_tokens differs"
     """, env={"EFFVIT_CPU_ISA": isa})
     assert out.returncode == 0, out.stderr
     in_use, supported = out.stdout.split()
