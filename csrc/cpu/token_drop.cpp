@@ -234,7 +234,8 @@ void rank_tokens(const score_t* s, int64_t M, int64_t keep, bool spatial_order, 
 }
 
 // Channels [c0, c1) of the fused row: f[c] = sum over the dropped tokens j (kept[j] == 0, in position order) of
-// s[j] * x[P + j, c], one image's rows at xb with token stride sn and channel stride sc.
+// s[j] * x[P + j, c], one image's rows at xb with token stride sn and channel stride sc. The AVX2 and AVX-512
+// variants fuse the multiply-add (FMA), so their fused row can differ from the baseline's in the last bit.
 template <typename scalar_t, typename acc_t, typename score_t>
 EFFVIT_ALWAYS_INLINE void fused_sum_body(const scalar_t* xb, int64_t sn, int64_t sc, const score_t* s,
                                          const char* kept, int64_t M, int64_t P, int64_t c0, int64_t c1,
