@@ -210,6 +210,24 @@ def test_drop_ties_and_nan_order(backend):
     assert index.tolist() == [[0, 1, 2, 3], [0, 1, 3, 4]]
 
 
+@pytest.mark.parametrize("scores_dtype", ALL_DTYPES)
+def test_drop_ranks_scores_of_any_dtype_in_their_own_precision(scores_dtype):
+    """The CPU kernel ranks and weights in float32 (float64 for float64 scores): half and bf16 scores, with their
+    many ties, keep the documented order (score descending, ties to the lower position) and their exact weights."""
+    torch.manual_seed(3)
+    x = torch.randn(3, 41, 70)
+    scores = torch.rand(3, 39).to(scores_dtype)
+    out, index = td_ops.op("cpu", "drop_tokens")(x, scores, 23, 2, True, False)
+    s = d(scores)
+    for b in range(3):
+        order = sorted(range(39), key=lambda j: (-s[b, j].item(), j))
+        assert index[b].tolist() == order[:23], (scores_dtype, b)
+        dropped = torch.tensor(order[23:])
+        fused = (s[b, dropped, None] * d(x)[b, 2 + dropped]).sum(0)
+        assert torch.equal(out[b, 2:25], x[b, 2 + index[b]])
+        assert (out[b, -1].double() - fused).abs().max() < 1e-5, scores_dtype
+
+
 def test_errors_name_the_argument():
     x = torch.randn(2, 10, 8)
     scores = torch.rand(2, 9)
