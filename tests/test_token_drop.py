@@ -211,13 +211,16 @@ def test_drop_ties_and_nan_order(backend):
 
 
 @pytest.mark.parametrize("scores_dtype", ALL_DTYPES)
-def test_drop_ranks_scores_of_any_dtype_in_their_own_precision(scores_dtype):
-    """The CPU kernel ranks and weights in float32 (float64 for float64 scores): half and bf16 scores, with their
-    many ties, keep the documented order (score descending, ties to the lower position) and their exact weights."""
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_drop_ranks_scores_of_any_dtype_in_their_own_precision(backend, scores_dtype):
+    """Every backend ranks and weights scores of any dtype in float32 (float64 for float64 scores), whatever x's
+    dtype: half and bf16 scores, with their many ties, keep the documented order (score descending, ties to the
+    lower position) and their exact weights."""
     torch.manual_seed(3)
-    x = torch.randn(3, 41, 70)
-    scores = torch.rand(3, 39).to(scores_dtype)
-    out, index = td_ops.op("cpu", "drop_tokens")(x, scores, 23, 2, True, False)
+    x = torch.randn(3, 41, 70, device=DEVICE)
+    scores = torch.rand(3, 39, device=DEVICE).to(scores_dtype)
+    out, index = td_ops.op(backend, "drop_tokens")(x, scores, 23, 2, True, False)
+    out, index, x, scores = out.cpu(), index.cpu(), x.cpu(), scores.cpu()
     s = d(scores)
     for b in range(3):
         order = sorted(range(39), key=lambda j: (-s[b, j].item(), j))
