@@ -226,3 +226,24 @@ def test_recorded_command_names_the_cpu_isa_it_ran_under(monkeypatch):
     assert report.command_line(["--family", "window"]) == "effvit-bench --family window"
     monkeypatch.setenv("EFFVIT_CPU_ISA", "avx2")
     assert report.command_line(["--family", "window"]) == "EFFVIT_CPU_ISA=avx2 effvit-bench --family window"
+
+
+def test_compile_peer_compiles_every_case_past_dynamos_recompile_limit(monkeypatch):
+    """A suite compiles one peer function per case; dynamo runs a code object eagerly past recompile_limit (8)
+    entries, so each case's compile must get a frame of its own."""
+    import torch._dynamo.testing
+
+    from effvit.bench import cases
+
+    counter = torch._dynamo.testing.CompileCounter()
+    real_compile = torch.compile
+    monkeypatch.setattr(cases.torch, "compile", lambda fn, **kw: real_compile(fn, backend=counter, **kw))
+
+    def peer(x):
+        return torch.relu(x) * 2
+
+    n_cases = torch._dynamo.config.recompile_limit + 4
+    for n in range(1, n_cases + 1):
+        x = torch.randn(n, 3)
+        assert torch.equal(cases.compiled(peer)(x), peer(x))
+    assert counter.frame_count == n_cases
