@@ -78,6 +78,15 @@ def test_explain():
     assert reasons["cuda"], "a CPU tensor cannot run on the cuda backend"
 
 
+def test_explain_window_takes_the_window_and_shift_as_window_attention_does():
+    qkv = torch.randn(1, 17, 17, 3 * 2 * 136, device=DEVICE)   # 2 heads of 136 channels
+    as_ints = effvit.explain("window", qkv, 2, 17, 3)
+    assert as_ints == effvit.explain("window", qkv, 2, (17, 17), (3, 3))
+    if "triton" in kernel_backends(DEVICE, "window"):
+        assert any("289 tokens" in r for r in as_ints["triton"]), as_ints["triton"]
+        assert any("head_dim 136" in r for r in effvit.explain("window", qkv, 2, 7, 0)["triton"])
+
+
 @pytest.mark.parametrize("backend", kernel_backends(DEVICE))
 def test_module_backend_attribute(backend):
     block = effvit.nn.Shift(4, backend=backend)

@@ -93,7 +93,9 @@ def _int32_limit(qkv: torch.Tensor, *args) -> str | None:
 
 
 def _gpu_limits(qkv: torch.Tensor, num_heads: int, window, shift) -> str | None:
-    """The CUDA and Triton kernels hold one (window, head) in one program."""
+    """The CUDA and Triton kernels hold one (window, head) in one program. ``window``: an int or (wh, ww), as
+    window_attention takes it (effvit.explain passes the caller's)."""
+    window = checks.check_pair(window, "window_size", 1)
     n, head_dim = window[0] * window[1], _head_dim(qkv, num_heads)
     if n > 256:
         return f"a window of {window[0]}x{window[1]} = {n} tokens is more than the 256 the GPU kernels hold"
