@@ -6,7 +6,7 @@
 # next to $OUT/gpu_check.log: unpack under bench/results/<gpu>/ and commit them.
 #
 #   bash bench/gpu_check.sh                    # build, tests, quick benchmarks: 6-10 minutes on an H100 host
-#   bash bench/gpu_check.sh bench-full         # the families' whole GPU suites instead (much longer)
+#   bash bench/gpu_check.sh build bench-full   # build, then the families' whole GPU suites (much longer)
 #   bash bench/gpu_check.sh build tests        # any of: build tests bench bench-full
 #   PYTHON=/path/to/python bash bench/gpu_check.sh
 #
