@@ -113,7 +113,7 @@ def _flex_core_factory(B, stage, window, shift, scale, device):
         return q_idx // n == kv_idx // n
 
     block_mask = create_block_mask(mask_mod, None, None, seq, seq, device=device)
-    flex = torch.compile(flex_attention, dynamic=False)
+    flex = compiled(flex_attention)  # a frame of its own per case (see compiled)
 
     def core(qkv, table, pad):
         windows, _, _ = reference._pad_and_partition(qkv, window, shift, pad)       # [B*nW, N, 3C]
