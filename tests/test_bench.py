@@ -239,11 +239,15 @@ def test_compile_peer_compiles_every_case_past_dynamos_recompile_limit(monkeypat
     real_compile = torch.compile
     monkeypatch.setattr(cases.torch, "compile", lambda fn, **kw: real_compile(fn, backend=counter, **kw))
 
-    def peer(x):
-        return torch.relu(x) * 2
+    def peer(x, k=2):
+        return torch.relu(x) * k
 
-    n_cases = torch._dynamo.config.recompile_limit + 4
+    config = torch._dynamo.config
+    limit = getattr(config, "recompile_limit", None) or config.cache_size_limit  # the older name (torch 2.6)
+    n_cases = limit + 4
     for n in range(1, n_cases + 1):
         x = torch.randn(n, 3)
-        assert torch.equal(cases.compiled(peer)(x), peer(x))
+        assert torch.equal(cases.compiled(peer)(x, k=3), peer(x, k=3))
     assert counter.frame_count == n_cases
+    module = torch.nn.Sequential(torch.nn.ReLU())   # a module peer (as the HiLo layer's) compiles too
+    assert torch.equal(cases.compiled(module)(x), module(x)) and counter.frame_count == n_cases + 1

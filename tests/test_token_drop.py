@@ -213,9 +213,9 @@ def test_drop_ties_and_nan_order(backend):
 @pytest.mark.parametrize("scores_dtype", ALL_DTYPES)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_drop_ranks_scores_of_any_dtype_in_their_own_precision(backend, scores_dtype):
-    """Every backend ranks and weights scores of any dtype in float32 (float64 for float64 scores), whatever x's
-    dtype: half and bf16 scores, with their many ties, keep the documented order (score descending, ties to the
-    lower position) and their exact weights."""
+    """Every backend ranks scores of any dtype in float32 (float64 for float64 scores), whatever x's dtype: half
+    and bf16 scores, with their many ties, keep the documented order (score descending, ties to the lower
+    position); the fused row weights the dropped rows by the scores in x's accumulation dtype."""
     torch.manual_seed(3)
     x = torch.randn(3, 41, 70, device=DEVICE)
     scores = torch.rand(3, 39, device=DEVICE).to(scores_dtype)

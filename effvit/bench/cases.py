@@ -128,11 +128,13 @@ def compiled(fn: Callable) -> Callable:
     compiles the same peer function once per case (its own shapes, its grad mode), so from the ninth case on its
     "compile" timings were eager ones. ``fn`` (a function, bound method or module) is called from, and inlined
     into, a fresh frame per case: each case's compile holds only its own entries, and a call checks only its
-    own guards."""
+    own guards. fullgraph=True keeps it so: a graph break would compile ``fn``'s own, shared code after all, so
+    a peer that cannot trace whole is reported as an error rather than timed part eagerly (every suite's peers
+    trace whole)."""
     def peer(*args, **kwargs):
         return fn(*args, **kwargs)
     own = types.FunctionType(peer.__code__.replace(), peer.__globals__, "compiled_peer", None, peer.__closure__)
-    return torch.compile(own, dynamic=False)
+    return torch.compile(own, dynamic=False, fullgraph=True)
 
 
 def add_compile_peer(impls: dict, skipped: dict, fn: Callable, builder: Callable) -> None:
