@@ -1,7 +1,7 @@
 """effvit-bench: time effvit's kernels against the code they replace.
 
-    effvit-bench                          # a tour: one telling shape per family (10-20 minutes on a 2-core CPU)
-    effvit-bench --all                    # every family's whole suite (30-60 minutes on a 2-core CPU)
+    effvit-bench                          # a tour: one telling shape per family (2-20 minutes on a 2-core CPU)
+    effvit-bench --all                    # every family's whole suite (7-60 minutes on a 2-core CPU)
     effvit-bench --list                   # what would run, and why any implementation is skipped
     effvit-bench --family shift --shape 7x7x768 --batch 64 --backward --out results/
     effvit-bench --compare old/bench.json --fail-if-regression 10
