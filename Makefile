@@ -9,7 +9,7 @@ BENCH_ARGS ?=
 PY := $(VENV)/bin/python
 MACHINE = $(shell $(PY) -c "from effvit.bench.machine import machine_name; print(machine_name('cpu'))" 2>/dev/null || echo local)
 
-.PHONY: setup build bench test test-fast test-fuzz bench-pytest gpu-check clean
+.PHONY: setup build bench test test-heavy test-fast test-fuzz bench-pytest gpu-check clean
 
 setup: $(VENV)/.deps
 
@@ -31,7 +31,11 @@ bench: build
 # pytest-xdist (in the test extra) spreads the tests over every core
 TEST_WORKERS ?= auto
 test: build
-	$(PY) -m pytest -q -n $(TEST_WORKERS) tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) tests -m "not heavy"
+
+# every model through the deployment paths and timm's own model tests (minutes a model)
+test-heavy: build
+	$(PY) -m pytest -q -n $(TEST_WORKERS) tests -m heavy
 
 test-fast: build
 	$(PY) -m pytest -q -n $(TEST_WORKERS) tests -m "not slow"
