@@ -25,7 +25,7 @@ struct SampleMoments {
 EFFVIT_HOST_DEVICE SampleMoments moments_from_sums(double sum, double sum_sq, double count, double eps) {
   const double mean = sum / count;
   double var = sum_sq / count - mean * mean;  // biased, as GroupNorm
-  var = var > 0.0 ? var : 0.0;
+  var = var < 0.0 ? 0.0 : var;  // rounding below 0 clamps; NaN (an inf in the sample) stays, as torch
   return {mean, 1.0 / ::sqrt(var + eps)};
 }
 

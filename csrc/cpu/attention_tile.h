@@ -10,6 +10,7 @@
 #pragma once
 
 #include <algorithm>
+#include <limits>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -161,13 +162,15 @@ EFFVIT_ALWAYS_INLINE void gemm_nn(const acc_t* __restrict__ A, int lda, const ac
   }
 }
 
-// exp on a vector of floats of any width (Cephes' expf: 2^n * p(r), |r| <= ln2 / 2, ~1 ulp); exact 0 below
-// -87.3, where float underflows anyway.
+// exp on a vector of floats of any width (Cephes' expf: 2^n * p(r), |r| <= ln2 / 2, ~1 ulp). Below -87.3 the result
+// is subnormal, as torch's exp gives it (a masked weight exp(-100) times an inf value is inf, not 0 * inf = NaN):
+// scaled up by 2^64 and back down, so the exponent bits stay valid; exact 0 below float's smallest subnormal.
 template <typename V>
 EFFVIT_ALWAYS_INLINE V vexp(V x) {
   using I = typename VecN<sizeof(V), int32_t>::type;
-  const auto underflow = x < -87.3f;  // lanes whose exp is below float's range
-  x = underflow ? V{} - 87.3f : x;
+  const auto subnormal = x < -87.3f;
+  const auto zero = x < -103.98f;
+  x = zero ? V{} - 103.98f : x;
   x = x > 88.7f ? V{} + 88.7f : x;
   const float round_magic = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
   const V n = (x * 1.44269504088896341f + round_magic) - round_magic;
@@ -179,10 +182,14 @@ EFFVIT_ALWAYS_INLINE V vexp(V x) {
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.0f;
-  const I bits = (__builtin_convertvector(n, I) + 127) << 23;
+  I e = __builtin_convertvector(n, I) + 127;
+  e = subnormal ? e + 64 : e;
+  const I bits = e << 23;
   V scale;
   std::memcpy(&scale, &bits, sizeof(V));
-  return underflow ? V{} : p * scale;
+  V y = p * scale;
+  y = subnormal ? y * 5.42101086242752217e-20f : y;  // 2^-64
+  return zero ? V{} : y;
 }
 
 // log on a vector of positive normal floats (Cephes' logf: x = 2^e m with m in [sqrt(1/2), sqrt(2)), log m from a
@@ -374,6 +381,20 @@ EFFVIT_ALWAYS_INLINE acc_t row_max(const acc_t* row, int Np) {
     case cpu::CpuIsa::kAvx2: return row_max_pass<32>(row, Np);
     default: return row_max_pass<16>(row, Np);
   }
+}
+
+// The softmax shift of a row whose columns [real, Np) are padding (kMaskedColumn): its max. When no real column is
+// above the padding's logit (a row of -inf, or of logits below -1e30), the padding becomes -inf and the max is the
+// real columns' own, so that exp_row gives what torch's softmax gives: NaN for a row of -inf, exact probabilities
+// for a row of -1e35.
+template <typename acc_t>
+EFFVIT_ALWAYS_INLINE acc_t padded_row_max(acc_t* row, int real, int Np) {
+  const acc_t m = row_max(row, Np);
+  if (m > static_cast<acc_t>(kMaskedColumn) || real == Np) return m;
+  acc_t real_max = -std::numeric_limits<acc_t>::infinity();
+  for (int j = 0; j < real; ++j) real_max = row[j] > real_max ? row[j] : real_max;
+  std::fill(row + real, row + Np, -std::numeric_limits<acc_t>::infinity());
+  return real_max;
 }
 
 // row[j] becomes exp(row[j] - shift) in place over a padded row; returns the row's sum. In vectors of kBytes

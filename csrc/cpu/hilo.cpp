@@ -123,7 +123,7 @@ EFFVIT_ALWAYS_INLINE void lofi_forward_body(const LofiCall<scalar_t, acc_t>* cal
       gemm_nn(s.q.data(), Dp, s.kt.data(), Mp, s.s.data(), Mp, n4, D, Mp, c.mask);
       for (int i = 0; i < n; ++i) {
         acc_t* row = s.s.data() + int64_t{i} * Mp;
-        maxima[i] = row_max(row, Mp);
+        maxima[i] = padded_row_max(row, c.M, Mp);
         sums[i] = exp_row(row, Mp, maxima[i]);
       }
       finish_rows(sums.data(), maxima.data(), n, inv_sum.data(), lse_row + i0);

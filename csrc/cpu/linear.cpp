@@ -65,8 +65,9 @@ struct LinearCall {
 
 template <typename acc_t>
 EFFVIT_ALWAYS_INLINE acc_t phi_value(acc_t x, FeatureMap f) {
-  if (f == FeatureMap::kRelu) return x > acc_t(0) ? x : acc_t(0);
-  if (f == FeatureMap::kEluPlusOne) return x > acc_t(0) ? x + acc_t(1) : std::exp(x);
+  if (f == FeatureMap::kRelu) return x < acc_t(0) ? acc_t(0) : x;  // NaN stays NaN, as torch's relu
+  // elu(x) + 1 as torch rounds it, (exp(x) - 1) + 1: 0 where exp(x) is below half an ulp of 1, as the reference's
+  if (f == FeatureMap::kEluPlusOne) return x > acc_t(0) ? x + acc_t(1) : (std::exp(x) - acc_t(1)) + acc_t(1);
   return x;
 }
 
@@ -99,7 +100,7 @@ EFFVIT_ALWAYS_INLINE void apply_phi(acc_t* buf, int ld, int n, int D, FeatureMap
   if (f == FeatureMap::kRelu) {
     for (int t = 0; t < n; ++t) {
       acc_t* __restrict__ row = buf + int64_t{t} * ld;
-      for (int d = 0; d < D; ++d) row[d] = row[d] > acc_t(0) ? row[d] : acc_t(0);
+      for (int d = 0; d < D; ++d) row[d] = row[d] < acc_t(0) ? acc_t(0) : row[d];
     }
   } else if (f == FeatureMap::kEluPlusOne) {
     for (int t = 0; t < n; ++t)
@@ -143,7 +144,7 @@ EFFVIT_ALWAYS_INLINE void gather_heads(const scalar_t* base, int64_t sh, int64_t
         if (relu) {
           for (int d = 0; d < D; ++d) {
             const acc_t x = static_cast<acc_t>(src[d]) * mul;
-            row[d] = x > acc_t(0) ? x : acc_t(0);
+            row[d] = x < acc_t(0) ? acc_t(0) : x;
           }
         } else {
           load_row(src, row, D, mul);

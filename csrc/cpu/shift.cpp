@@ -25,6 +25,7 @@
 #include <algorithm>
 #include <type_traits>
 #include <cstring>
+#include <cmath>
 #include <vector>
 
 #include "../common/group_norm_math.h"
@@ -341,6 +342,20 @@ EFFVIT_ALWAYS_INLINE void shifted_sums_body(const scalar_t* x, Strides4 xs, Line
           wrap_sq += v * v;
         }
       });
+      if (!std::isfinite(wrap_sum + wrap_sq)) {
+        // an inf or NaN shifted out over the edge: it must not reach the statistics, so sum the values that stay
+        std::vector<bool> dropped(sg.len, false);
+        for_each_wrapped(lw, line, [&](int64_t pos) {
+          if (pos >= sg.start && pos < sg.start + sg.len) dropped[pos - sg.start] = true;
+        });
+        seg_sum = seg_sq = wrap_sum = wrap_sq = 0;
+        for (int64_t j = 0; j < sg.len; ++j) {
+          if (dropped[j]) continue;
+          const double v = static_cast<opmath_t>(src[j * xi]);
+          seg_sum += v;
+          seg_sq += v * v;
+        }
+      }
       sum += seg_sum - wrap_sum;
       sum_sq += seg_sq - wrap_sq;
     }

@@ -102,7 +102,7 @@ EFFVIT_ALWAYS_INLINE void cls_forward_body(const ClsCall<scalar_t, acc_t>* call,
   for (int64_t bh = begin; bh < end; ++bh) {
     acc_t* row = probs + bh * c.Np;
     cls_logits(c, bh, s.q_acc.data(), s.keys.data(), false, row);
-    const acc_t shift = row_max(row, c.Np);
+    const acc_t shift = padded_row_max(row, static_cast<int>(c.N), c.Np);
     const acc_t sum = exp_row(row, c.Np, shift);
     lse[bh] = shift + std::log(sum);
     const acc_t inv = acc_t(1) / sum;

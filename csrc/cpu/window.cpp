@@ -294,8 +294,8 @@ EFFVIT_ALWAYS_INLINE void window_forward_body(const WindowCall<scalar_t, acc_t>*
     const TaskIndex ti = start_task(c, t, end, rows, cols, tokens, s, column.data(), bias);
     const int32_t* pixel = tokens.pixel.data();
     for (int i = 0; i < N; ++i) {
-      const acc_t* row = s.s.data() + i * Np;
-      acc_t m = row_max(row, vector_cols);
+      acc_t* row = s.s.data() + i * Np;
+      acc_t m = padded_row_max(row, std::min(N, vector_cols), vector_cols);
       for (int j = vector_cols; j < N; ++j) m = std::max(m, row[j]);
       maxima[i] = m;
       tail_sum[i] = 0;

@@ -76,11 +76,12 @@ struct Src {
 };
 
 // phi (0 identity, 1 relu, 2 elu+1) and its derivative from phi's value y = phi(x): relu' = (y > 0), torch's
-// (0 at x == 0); elu+1' = 1 for x > 0 (y > 1, or y == 1 where x + 1 rounds to 1: either way 1) else exp(x) = y.
+// (0 at x == 0); elu+1' = 1 for x > 0 (y > 1, or y == 1 where x + 1 rounds to 1: either way 1) else exp(x), y up to
+// the rounding of elu(x) + 1.
 template <typename acc_t>
 __device__ __forceinline__ acc_t feature(acc_t x, int32_t phi) {
   if (phi == 1) return x < acc_t(0) ? acc_t(0) : x;  // NaN stays NaN, as torch's relu
-  if (phi == 2) return x > acc_t(0) ? x + acc_t(1) : acc_exp(x);
+  if (phi == 2) return x > acc_t(0) ? x + acc_t(1) : (acc_exp(x) - acc_t(1)) + acc_t(1);  // elu(x) + 1, as torch rounds it
   return x;
 }
 template <typename acc_t>

@@ -193,8 +193,10 @@ __global__ void __launch_bounds__(kThreads)
   for (int32_t j = threadIdx.x; j < a.N; j += blockDim.x) local_sum += acc_exp(row[j] - shift);
   const acc_t sum = block_reduce<false>(local_sum);
   if (threadIdx.x == 0) lse[bh] = shift + acc_log(sum);
+  // a +inf logit makes the softmax itself nan (exp(inf - inf)), as torch's: every probability of the row
+  const acc_t denom = row_max == infinity<acc_t>() ? std::numeric_limits<acc_t>::quiet_NaN() : sum;
   // each thread rewrites only the entries it reads here; the sums above are done (block_reduce's barrier)
-  for (int32_t j = a.P + threadIdx.x; j < a.N; j += blockDim.x) row[j] = acc_exp(row[j] - shift) / sum;
+  for (int32_t j = a.P + threadIdx.x; j < a.N; j += blockDim.x) row[j] = acc_exp(row[j] - shift) / denom;
 }
 
 // scores [B, M] = the mean over heads of probs[b, h, P + j]. 1-D grid-stride over B * M.

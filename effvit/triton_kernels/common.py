@@ -2,8 +2,8 @@
 
 Kernels: ``to_acc`` (loaded values to the accumulation type), ``matmul`` (a @ b as the attention kernels
 multiply: tl.dot, or a broadcast-multiply-sum for float64 when FP64_TL_DOT is False, bf16 emulated under the
-interpreter), ``acc_scale`` (the softmax scale back from its fp32 hi + lo split) and NEG_FILL (the finite
-logit of masked keys). Launchers: ``acc_dtypes``, ``on_device``, ``sm_count``, ``dot_config`` (the DOT /
+interpreter), ``acc_scale`` (the softmax scale back from its fp32 hi + lo split), NEG_FILL (the finite
+logit of masked keys) and ``real_max`` / ``softmax_out`` (what a row of -inf logits gives). Launchers: ``acc_dtypes``, ``on_device``, ``sm_count``, ``dot_config`` (the DOT /
 PREC / EMULATE / FMA constexprs that ``matmul`` takes), ``split_scale``, and ``cdiv`` / ``next_power_of_2``
 (plain-Python launch arithmetic).
 
@@ -28,6 +28,21 @@ FP64_TL_DOT = True    # float64 matmuls by tl.dot; False: broadcast-multiply-sum
 
 _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32,
               torch.float64: tl.float64}
+
+
+@triton.jit
+def real_max(running, s, valid):
+    """The running max of a row's logits over its real keys (``valid``), -inf while there are none."""
+    return tl.maximum(running, tl.max(tl.where(valid, s, float("-inf")), axis=1))
+
+
+@triton.jit
+def softmax_out(acc, l, mx, rmax):
+    """(softmax @ V rows, log-sum-exp) from the online softmax's sums. A row whose every real logit is -inf has a
+    NaN softmax and a -inf log-sum-exp, as torch's: the NEG_FILL lanes must not become its probabilities."""
+    none = rmax == float("-inf")
+    o = tl.where(none[:, None], float("nan"), acc / l[:, None])
+    return o, tl.where(none, float("-inf"), mx + tl.log(l))
 
 
 @triton.jit

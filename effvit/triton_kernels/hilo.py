@@ -43,7 +43,7 @@ import triton
 import triton.language as tl
 
 from effvit.triton_kernels.common import (NEG_FILL, acc_dtypes, acc_scale, cdiv, dot_config, matmul, next_power_of_2,
-                                          on_device, split_scale, to_acc)
+                                          on_device, real_max, softmax_out, split_scale, to_acc)
 
 # lse read for queries past N: exp(S - LSE_FILL) underflows to 0, so those rows of P (and dS) vanish
 # without a where; finite, so no inf - inf
@@ -77,6 +77,7 @@ def _lofi_fwd_kernel(q_ptr, kv_ptr, out_ptr, lse_ptr,
     # online softmax over key chunks (flash-attention); the running max starts at the finite NEG_FILL and
     # every chunk holds at least one key (n0 < M), so no exp(-inf - -inf)
     mx = tl.full([BLOCK_M], NEG_FILL, dtype=ACC)
+    rmax = tl.full([BLOCK_M], float("-inf"), dtype=ACC)
     l = tl.zeros([BLOCK_M], dtype=ACC)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=ACC)
     for n0 in range(0, M, BLOCK_N):
@@ -88,6 +89,7 @@ def _lofi_fwd_kernel(q_ptr, kv_ptr, out_ptr, lse_ptr,
         s = matmul(q, tl.trans(k), PREC, EMULATE, FMA).to(ACC) * scale
         s = tl.where(nm[None, :], s, NEG_FILL)
         mx_new = tl.maximum(mx, tl.max(s, axis=1))
+        rmax = real_max(rmax, s, nm[None, :])
         alpha = tl.exp(mx - mx_new)
         p = tl.exp(s - mx_new[:, None])
         l = l * alpha + tl.sum(p, axis=1)
@@ -95,11 +97,11 @@ def _lofi_fwd_kernel(q_ptr, kv_ptr, out_ptr, lse_ptr,
         acc = acc * alpha[:, None] + matmul(p.to(DOT), v, PREC, EMULATE, FMA).to(ACC)
         mx = mx_new
 
-    o = acc / l[:, None]
+    o, lse = softmax_out(acc, l, mx, rmax)
     out_rows = b.to(tl.int64) * N * C + h * HEAD_DIM
     tl.store(out_ptr + out_rows + rm[:, None] * C + d[None, :], o.to(out_ptr.dtype.element_ty),
              mask=mm[:, None] & dm[None, :])
-    tl.store(lse_ptr + bh.to(tl.int64) * N + rm, mx + tl.log(l), mask=mm)
+    tl.store(lse_ptr + bh.to(tl.int64) * N + rm, lse, mask=mm)
 
 
 @triton.jit

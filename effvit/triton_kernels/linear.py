@@ -57,9 +57,9 @@ FEATURE_MAPS = {"identity": 0, "relu": 1, "elu+1": 2}   # as csrc/common/linear_
 @triton.jit
 def _phi(x, FEATURE: tl.constexpr):
     if FEATURE == 1:
-        return tl.maximum(x, 0.0)
+        return tl.where(x < 0, 0.0, x)   # NaN stays NaN, as torch's relu
     elif FEATURE == 2:
-        return tl.where(x > 0, x + 1.0, tl.exp(x))   # elu(x) + 1
+        return tl.where(x > 0, x + 1.0, (tl.exp(x) - 1.0) + 1.0)   # elu(x) + 1, rounded as torch's
     else:
         return x
 
@@ -165,7 +165,7 @@ def _out_kernel(q_ptr, st_ptr, t_ptr, out_ptr, N, H, chunks, chunk_len,
         num = matmul(a, S, PREC, False, FMA).to(ACC)
         den = tl.sum(a * z[None, :], axis=1) + eps
         if CLAMP:
-            den = tl.maximum(den, dmin)
+            den = tl.maximum(den, dmin, propagate_nan=tl.PropagateNan.ALL)
         o = num / tl.where(nm, den, 1.0)[:, None]   # padded rows (not stored) must not make 0 / 0
         tl.store(out_ptr + rn[:, None] * o_sn + e[None, :] * o_sd, o.to(out_ptr.dtype.element_ty),
                  mask=nm[:, None] & em[None, :])
@@ -216,7 +216,7 @@ def _bwd_q_kernel(do_ptr, q_ptr, st_ptr, t_ptr, dq_ptr, part_ptr, dt_ptr, N, H, 
         den = tl.sum(a * z[None, :], axis=1) + eps
         c = den
         if CLAMP:
-            c = tl.maximum(den, dmin)
+            c = tl.maximum(den, dmin, propagate_nan=tl.PropagateNan.ALL)
         r = 1.0 / tl.where(nm, c, 1.0)   # padded rows (g = 0) must not make 0 / 0
         gn = tl.sum(g * num, axis=1) * r   # (g . num) / c
         dnum = g * (t * r)[:, None]

@@ -128,7 +128,8 @@ def _cls_logits_kernel(q_ptr, k_ptr, logit_ptr, stat_ptr, lse_ptr, N, H, P,
         shift = shift_new
     tl.store(lse_ptr + bh, shift + tl.log(l))
     tl.store(stat_ptr + 2 * bh, shift)
-    tl.store(stat_ptr + 2 * bh + 1, l)
+    # a +inf logit makes the softmax itself nan (exp(inf - inf)), as torch's: every probability of the row
+    tl.store(stat_ptr + 2 * bh + 1, tl.where(mx == float("inf"), float("nan"), l))
 
 
 @triton.jit

@@ -42,7 +42,7 @@ import triton
 import triton.language as tl
 
 from effvit.triton_kernels.common import (NEG_FILL, acc_dtypes, acc_scale, cdiv, dot_config, matmul, next_power_of_2,
-                                          on_device, split_scale, to_acc)
+                                          on_device, real_max, softmax_out, split_scale, to_acc)
 
 # (tl.constexpr: compiled kernels may only read globals that are)
 MASK_VALUE = tl.constexpr(-100.0)  # Swin's logit offset between tokens of different shift regions
@@ -138,6 +138,7 @@ def _window_fwd_kernel(qkv_ptr, table_ptr, pad_ptr, out_ptr, lse_ptr,
             s = _logits(q, k, tm, tn, reg_m, reg_n, table_ptr, h, heads, scale,
                         WH, WW, SHIFTED, HAS_BIAS, PREC, EMULATE, FMA, ACC)
             mx = tl.max(s, axis=1)
+            rmax = real_max(tl.full([BLOCK_M], float("-inf"), dtype=ACC), s, (tn < N)[None, :])
             p = tl.exp(s - mx[:, None])
             l = tl.sum(p, axis=1)
             # P in the input dtype for P @ V (as flash-attention does): unnormalized, in [0, 1]
@@ -146,6 +147,7 @@ def _window_fwd_kernel(qkv_ptr, table_ptr, pad_ptr, out_ptr, lse_ptr,
             # online softmax over key chunks (flash-attention); the running max starts at the finite
             # NEG_FILL, and every chunk holds a key of the window, so no exp(-inf - -inf)
             mx = tl.full([BLOCK_M], NEG_FILL, dtype=ACC)
+            rmax = tl.full([BLOCK_M], float("-inf"), dtype=ACC)
             l = tl.zeros([BLOCK_M], dtype=ACC)
             acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=ACC)
             for n0 in range(0, N, BLOCK_KN):
@@ -158,16 +160,17 @@ def _window_fwd_kernel(qkv_ptr, table_ptr, pad_ptr, out_ptr, lse_ptr,
                 s = _logits(q, k, tm, tn, reg_m, reg_n, table_ptr, h, heads, scale,
                             WH, WW, SHIFTED, HAS_BIAS, PREC, EMULATE, FMA, ACC)
                 mx_new = tl.maximum(mx, tl.max(s, axis=1))
+                rmax = real_max(rmax, s, (tn < N)[None, :])
                 alpha = tl.exp(mx - mx_new)
                 p = tl.exp(s - mx_new[:, None])
                 l = l * alpha + tl.sum(p, axis=1)
                 acc = acc * alpha[:, None] + matmul(p.to(DOT), v, PREC, EMULATE, FMA).to(ACC)
                 mx = mx_new
-        o = acc / l[:, None]
+        o, lse = softmax_out(acc, l, mx, rmax)
         rows = base + pix_m
         tl.store(out_ptr + rows[:, None] * C + h * HEAD_DIM + d[None, :], o.to(out_ptr.dtype.element_ty),
                  mask=real_m[:, None] & dm[None, :])
-        tl.store(lse_ptr + (b.to(tl.int64) * heads + h) * H * W + pix_m, mx + tl.log(l), mask=real_m)
+        tl.store(lse_ptr + (b.to(tl.int64) * heads + h) * H * W + pix_m, lse, mask=real_m)
 
 
 @triton.jit
