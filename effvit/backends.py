@@ -7,9 +7,11 @@ Backends:
   "triton"  the Triton kernels on CUDA tensors (and on CPU tensors under TRITON_INTERPRET=1, for tests)
   "auto"    the fastest kernel that supports the input, else "torch"
 
-The choice is made per call (``backend=`` on every function and module), else from the process-wide
-default: ``set_backend()``, the ``use_backend()`` context manager, or the ``EFFVIT_BACKEND`` environment
-variable, in that order of precedence. Forcing a backend that cannot serve an input raises
+The choice is made per call (``backend=`` on every function and module), else by the innermost
+``use_backend()`` block of the calling thread (or asyncio task: it is a context variable, so one request's block in a
+threaded server does not change another thread's kernels), else by the process-wide default that ``set_backend()``
+sets (initially the ``EFFVIT_BACKEND`` environment variable, or "auto"). torch.compile guards on both, so a
+compiled model follows them too. Forcing a backend that cannot serve an input raises
 ``BackendNotSupported`` listing every backend's reason, the way xformers reports "not supported because".
 
 Each family declares its kernels with ``register_family``: the devices and dtypes each one serves, the
@@ -22,6 +24,7 @@ so choosing stays cheap and traceable by torch.compile.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import os
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
@@ -49,24 +52,29 @@ class _State:
     default = _check_name(os.environ.get("EFFVIT_BACKEND", "auto").strip().lower() or "auto")
 
 
+# use_backend's choice, per thread and asyncio task (a new thread starts with None: the process default)
+_SCOPED: contextvars.ContextVar[str | None] = contextvars.ContextVar("effvit_backend", default=None)
+
+
 def set_backend(name: str) -> None:
-    """Sets the process-wide default backend (initially $EFFVIT_BACKEND or "auto")."""
+    """Sets the process-wide default backend (initially $EFFVIT_BACKEND or "auto"), for every thread."""
     _State.default = _check_name(name)
 
 
 def get_backend() -> str:
-    return _State.default
+    """The backend a call without ``backend=`` uses in this thread: use_backend's, else the process default."""
+    return _SCOPED.get() or _State.default
 
 
 @contextlib.contextmanager
 def use_backend(name: str) -> Iterator[None]:
-    """Within the block, calls without an explicit ``backend=`` use ``name``."""
-    previous = _State.default
-    _State.default = _check_name(name)
+    """Within the block, calls without an explicit ``backend=`` use ``name``, in this thread (or asyncio task)
+    only; other threads keep theirs."""
+    token = _SCOPED.set(_check_name(name))
     try:
         yield
     finally:
-        _State.default = previous
+        _SCOPED.reset(token)
 
 
 # ---- what each family's kernels support -----------------------------------------------------------
@@ -184,12 +192,12 @@ def _device_type(x: torch.Tensor) -> str:
 
 def select(family: str, backend: str | None, x: torch.Tensor, *args) -> str:
     """The backend that runs ``family`` on input ``x`` (args: extra inputs the family's checks read)."""
-    name = _State.default if backend is None else backend
+    name = (_SCOPED.get() or _State.default) if backend is None else backend
     if name not in BACKENDS:
         _check_name(name)
     if name == "torch":
         return "torch"
-    fam = _FAMILIES[family]
+    fam = _family(family)
     if name == "auto":
         device = _device_type(x)
         for candidate in fam.order(device, x, *args):
@@ -201,9 +209,17 @@ def select(family: str, backend: str | None, x: torch.Tensor, *args) -> str:
     raise BackendNotSupported(_not_supported_message(fam, name, x, *args))
 
 
+def _family(name: str) -> Family:
+    try:
+        return _FAMILIES[name]
+    except (KeyError, TypeError):
+        raise ValueError(f"unknown family {name!r}; effvit's families are "
+                         f"{', '.join(repr(f) for f in _FAMILIES)}") from None
+
+
 def explain(family: str, x: torch.Tensor, *args) -> dict[str, list[str]]:
     """For each backend, why it cannot run ``family`` on this input (an empty list: it can)."""
-    fam = _FAMILIES[family]
+    fam = _family(family)
     return {b: fam.reasons(b, x, *args) for b in ("torch",) + KERNEL_BACKENDS}
 
 

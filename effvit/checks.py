@@ -6,6 +6,10 @@ same words. Wrong types raise TypeError, wrong values or shapes ValueError.
 
 from __future__ import annotations
 
+import math
+import numbers
+import operator
+
 import torch
 
 LAYOUTS = ("NCHW", "NHWC")
@@ -22,10 +26,23 @@ def check_float(t: torch.Tensor, name: str) -> None:
         raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
 
 
+def is_integral(value) -> bool:
+    """An int or any integral number (NumPy integers, 0-d integer tensors: whatever has __index__), not a bool."""
+    return not isinstance(value, bool) and hasattr(type(value), "__index__")
+
+
 def check_int(value, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
+    """``value`` as a Python int; any integral type (NumPy integers included) is accepted, bool is not."""
+    if not is_integral(value):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    return value
+    return operator.index(value)
+
+
+def check_real(value, name: str, expected: str = "a float") -> float:
+    """``value`` as a Python float; any real number (NumPy floats included) is accepted, bool is not."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be {expected}, got {type(value).__name__}")
+    return float(value)
 
 
 def check_layout(layout) -> bool:
@@ -45,21 +62,21 @@ def check_same_device(tensors: dict[str, torch.Tensor]) -> None:
 
 
 def check_shift_input(x, n_div, layout: str = "NCHW", name: str = "x") -> tuple[int, bool]:
-    """Checks a ShiftViT shift input; returns (channels per shifted group, nhwc)."""
+    """Checks a ShiftViT shift input; returns (n_div as an int, nhwc)."""
     check_tensor(x, name)
     nhwc = check_layout(layout)
     if x.dim() != 4:
         dims = "(B, H, W, C)" if nhwc else "(B, C, H, W)"
         raise ValueError(f"{name} must be 4-D {dims} for layout={layout!r}, got shape {tuple(x.shape)}")
     check_float(x, name)
-    check_int(n_div, "n_div")
+    n_div = check_int(n_div, "n_div")
     channels = x.shape[3 if nhwc else 1]
     if not 4 <= n_div <= channels:
         raise ValueError(
             f"n_div must be in [4, C] = [4, {channels}] so that each of the four shifted groups "
             f"(C // n_div channels) is non-empty, got n_div={n_div} for C={channels}"
             + (" (is layout right? channels are dim 3 for 'NHWC', dim 1 for 'NCHW')" if channels < 4 else ""))
-    return channels // n_div, nhwc
+    return n_div, nhwc
 
 
 def check_channel_param(t, name: str, channels: int, x: torch.Tensor) -> None:
@@ -71,27 +88,26 @@ def check_channel_param(t, name: str, channels: int, x: torch.Tensor) -> None:
 
 
 def check_eps(eps) -> float:
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
-        raise TypeError(f"eps must be a float, got {type(eps).__name__}")
+    eps = check_real(eps, "eps")
     if not eps >= 0:
         raise ValueError(f"eps must be >= 0, got {eps}")
-    return float(eps)
+    return eps
 
 
 def check_pair(value, name: str, minimum: int) -> tuple[int, int]:
     """An int or a pair of ints (h, w), each >= minimum."""
-    pair = (value, value) if isinstance(value, int) and not isinstance(value, bool) else value
-    if (not isinstance(pair, (tuple, list)) or len(pair) != 2
-            or any(isinstance(v, bool) or not isinstance(v, int) for v in pair)):
+    pair = (value, value) if is_integral(value) else value
+    if not isinstance(pair, (tuple, list)) or len(pair) != 2 or not all(is_integral(v) for v in pair):
         raise TypeError(f"{name} must be an int or a pair of ints (h, w), got {value!r}")
+    pair = operator.index(pair[0]), operator.index(pair[1])
     if any(v < minimum for v in pair):
         raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
-    return int(pair[0]), int(pair[1])
+    return pair
 
 
 def check_window_attention(qkv, num_heads, window_size, shift_size, bias_table, qkv_bias, scale,
-                           always_partition: bool) -> tuple[tuple[int, int], tuple[int, int], float]:
-    """Checks fused window attention's arguments; returns (window, shift, scale)."""
+                           always_partition: bool) -> tuple[int, tuple[int, int], tuple[int, int], float]:
+    """Checks fused window attention's arguments; returns (num_heads, window, shift, scale)."""
     check_tensor(qkv, "qkv")
     if qkv.dim() != 4:
         raise ValueError(f"qkv must be 4-D (B, H, W, 3C), the qkv Linear's output on the (B, H, W, C) map, "
@@ -104,6 +120,8 @@ def check_window_attention(qkv, num_heads, window_size, shift_size, bias_table, 
     if qkv.shape[3] % (3 * num_heads):
         raise ValueError(f"qkv's last dimension ({qkv.shape[3]}) must be 3 * num_heads * head_dim; it is not "
                          f"divisible by 3 * num_heads = {3 * num_heads}")
+    if qkv.shape[3] == 0:
+        raise ValueError("qkv's last dimension is 0: head_dim must be >= 1")
     window = check_pair(window_size, "window_size", 1)
     shift = check_pair(shift_size, "shift_size", 0)
     if any(s >= w for s, w in zip(shift, window)):
@@ -131,23 +149,17 @@ def check_window_attention(qkv, num_heads, window_size, shift_size, bias_table, 
                              f"[3C] = [{qkv.shape[3]}], got {tuple(qkv_bias.shape)}")
         check_float(qkv_bias, "qkv_bias")
     check_same_device({"qkv": qkv, "relative_position_bias_table": bias_table, "qkv_bias": qkv_bias})
-    if scale is None:
-        scale = (qkv.shape[3] // (3 * num_heads)) ** -0.5
-    elif isinstance(scale, bool) or not isinstance(scale, (int, float)):
-        raise TypeError(f"scale must be a float or None (head_dim ** -0.5), got {type(scale).__name__}")
-    return window, shift, float(scale)
+    return num_heads, window, shift, check_scale(scale, qkv.shape[3] // (3 * num_heads))
 
 
 def check_scale(scale, head_dim: int) -> float:
     if scale is None:
         return head_dim ** -0.5
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
-        raise TypeError(f"scale must be a float or None (head_dim ** -0.5), got {type(scale).__name__}")
-    return float(scale)
+    return check_real(scale, "scale", "a float or None (head_dim ** -0.5)")
 
 
-def check_lofi_attention(q, kv, num_heads, scale) -> float:
-    """Checks Lo-Fi attention's arguments (q: [B, N, heads*D], kv: [B, M, 2*heads*D]); returns the scale."""
+def check_lofi_attention(q, kv, num_heads, scale) -> tuple[int, float]:
+    """Checks Lo-Fi attention's arguments (q: [B, N, heads*D], kv: [B, M, 2*heads*D]); returns (num_heads, scale)."""
     check_tensor(q, "q")
     check_tensor(kv, "kv")
     if q.dim() != 3:
@@ -169,7 +181,7 @@ def check_lofi_attention(q, kv, num_heads, scale) -> float:
         raise ValueError(f"kv's last dimension ({kv.shape[2]}) must be twice q's ({q.shape[2]}): keys then values")
     if kv.shape[1] == 0 and q.numel() > 0:
         raise ValueError("kv must hold at least one token")
-    return check_scale(scale, q.shape[2] // num_heads)
+    return num_heads, check_scale(scale, q.shape[2] // num_heads)
 
 
 def check_hilo_input(x, H, W, dim: int) -> tuple[int, int]:
@@ -185,12 +197,6 @@ def check_hilo_input(x, H, W, dim: int) -> tuple[int, int]:
     if x.shape[2] != dim:
         raise ValueError(f"x has {x.shape[2]} channels but the module's dim is {dim}")
     return H, W
-
-
-def _check_float_arg(value, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
-    return float(value)
 
 
 def check_linear_attention(q, k, v, feature_map, temperature, q_scale, k_scale, eps, denom_min
@@ -219,11 +225,11 @@ def check_linear_attention(q, k, v, feature_map, temperature, q_scale, k_scale, 
                              f"{tuple(temperature.shape)}")
         check_float(temperature, "temperature")
     check_same_device({"q": q, "k": k, "v": v, "temperature": temperature})
-    eps = _check_float_arg(eps, "eps")
-    if not eps >= 0:
-        raise ValueError(f"eps must be >= 0, got {eps}")
-    denom_min = float("-inf") if denom_min is None else _check_float_arg(denom_min, "denom_min")
-    return _check_float_arg(q_scale, "q_scale"), _check_float_arg(k_scale, "k_scale"), eps, denom_min
+    eps = check_eps(eps)
+    denom_min = float("-inf") if denom_min is None else check_real(denom_min, "denom_min", "a float or None")
+    if math.isnan(denom_min):
+        raise ValueError("denom_min must be a number (the denominator's lower clamp) or None for no clamp, got nan")
+    return check_real(q_scale, "q_scale"), check_real(k_scale, "k_scale"), eps, denom_min
 
 
 def check_cls_attention_scores(q, k, scale, num_prefix) -> tuple[float, int]:
@@ -242,6 +248,8 @@ def check_cls_attention_scores(q, k, scale, num_prefix) -> tuple[float, int]:
     if k.shape[0] != q.shape[0] or k.shape[1] != q.shape[1] or k.shape[3] != q.shape[2]:
         raise ValueError(f"k must be [B, heads, N, head_dim] with q's B, heads and head_dim {tuple(q.shape)}, got "
                          f"{tuple(k.shape)}")
+    if q.shape[2] == 0:
+        raise ValueError("q and k have head_dim 0: head_dim must be >= 1")
     num_prefix = check_int(num_prefix, "num_prefix")
     if not 0 <= num_prefix < k.shape[2]:
         raise ValueError(f"num_prefix (the CLS/register tokens that are not scored) must be in [0, N) = "
@@ -249,8 +257,8 @@ def check_cls_attention_scores(q, k, scale, num_prefix) -> tuple[float, int]:
     return check_scale(scale, q.shape[2]), num_prefix
 
 
-def check_drop_tokens(x, scores, keep, num_prefix) -> int:
-    """Checks drop_tokens' arguments; returns keep."""
+def check_drop_tokens(x, scores, keep, num_prefix) -> tuple[int, int]:
+    """Checks drop_tokens' arguments; returns (keep, num_prefix)."""
     check_tensor(x, "x")
     check_tensor(scores, "scores")
     if x.dim() != 3:
@@ -269,4 +277,4 @@ def check_drop_tokens(x, scores, keep, num_prefix) -> int:
     keep = check_int(keep, "keep")
     if not 1 <= keep <= N - num_prefix:
         raise ValueError(f"keep must be in [1, N - num_prefix] = [1, {N - num_prefix}], got {keep}")
-    return keep
+    return keep, num_prefix

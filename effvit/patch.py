@@ -78,7 +78,16 @@ _TARGETS = {
                                     "forward_intermediates": _vit_forward_intermediates},
                                    "timm's VisionTransformer whose Blocks at token_drop.drop_loc drop tokens.",
                                    lambda m: False),
+    "TokenDropVisionTransformerDistilled": ("timm.models.deit", "VisionTransformerDistilled",
+                                            {"keep_rate": property(_get_keep_rate, _set_keep_rate),
+                                             "forward_intermediates": _vit_forward_intermediates},
+                                            "timm's VisionTransformerDistilled (DeiT) whose Blocks at "
+                                            "token_drop.drop_loc drop tokens (CLS and distillation token kept).",
+                                            lambda m: False),
 }
+
+# the timm ViT classes token dropping patches: VisionTransformer and its subclasses that keep its Blocks
+_TOKEN_DROP_MODELS = ("TokenDropVisionTransformer", "TokenDropVisionTransformerDistilled")
 
 
 def _base_class(name: str) -> type | None:
@@ -106,20 +115,39 @@ def __getattr__(name: str):
     raise AttributeError(name)
 
 
-def _patch_token_drop(model: nn.Module, backend, keep_rate, drop_loc, fuse_token, spatial_order, detach_scores,
-                      record_index) -> None:
+def _token_drop_model(model: nn.Module) -> str | None:
+    """The name of the token-dropping subclass for ``model``'s class, or None when token dropping does not patch it."""
+    for name in _TOKEN_DROP_MODELS:
+        base = _base_class(name)
+        if base is not None and type(model) in (base, _fused_class(name)):
+            return name
+    return None
+
+
+def _check_drop_loc(drop_loc, depth: int) -> tuple[int, ...]:
+    try:
+        indices = list(drop_loc)
+    except TypeError:
+        raise TypeError(f"drop_loc must be a sequence of block indices (ints), got {drop_loc!r}") from None
+    if any(isinstance(i, bool) or not hasattr(i, "__index__") for i in indices):
+        raise TypeError(f"drop_loc must be a sequence of block indices (ints), got {drop_loc!r}")
+    drop_loc = tuple(sorted({i.__index__() for i in indices}))
+    if not drop_loc or any(not 0 <= i < depth for i in drop_loc):
+        raise ValueError(f"drop_loc must name blocks of the model, indices in [0, {depth}), got {drop_loc}")
+    return drop_loc
+
+
+def _patch_token_drop(model: nn.Module, model_name: str, backend, keep_rate, drop_loc, fuse_token, spatial_order,
+                      detach_scores, record_index) -> None:
     from effvit.nn.token_drop import TokenDropSettings, check_keep_rate
 
     keep_rate = check_keep_rate(keep_rate)
-    depth = len(model.blocks)
-    drop_loc = tuple(sorted({int(i) for i in drop_loc}))
-    if not drop_loc or any(not 0 <= i < depth for i in drop_loc):
-        raise ValueError(f"drop_loc must name blocks of the model, indices in [0, {depth}), got {drop_loc}")
+    drop_loc = _check_drop_loc(drop_loc, len(model.blocks))
     if model.num_prefix_tokens < 1:
         raise ValueError(f"EViT token dropping scores tokens by the CLS token's attention, and "
                          f"{type(model).__name__} has no prefix token (class_token=False)")
-    block_base, vit_base = _base_class("TokenDropBlock"), _base_class("TokenDropVisionTransformer")
-    block_cls, vit_cls = _fused_class("TokenDropBlock"), _fused_class("TokenDropVisionTransformer")
+    block_base, vit_base = _base_class("TokenDropBlock"), _base_class(model_name)
+    block_cls, vit_cls = _fused_class("TokenDropBlock"), _fused_class(model_name)
     attention_cls = getattr(importlib.import_module("timm.layers"), "Attention", None)
     for i in drop_loc:
         block = model.blocks[i]
@@ -162,10 +190,10 @@ def timm(model: nn.Module, backend: str | None = None, keep_rate: float = 0.7, d
     except ImportError as e:
         raise ImportError("effvit.patch.timm needs timm (pip install timm)") from e
     found = 0
-    vit_base = _base_class("TokenDropVisionTransformer")
-    if vit_base is not None and type(model) in (vit_base, _fused_class("TokenDropVisionTransformer")):
-        _patch_token_drop(model, backend, keep_rate, drop_loc, fuse_token, spatial_order, detach_scores,
-                          record_index)
+    token_drop_model = _token_drop_model(model)
+    if token_drop_model is not None:
+        _patch_token_drop(model, token_drop_model, backend, keep_rate, drop_loc, fuse_token, spatial_order,
+                          detach_scores, record_index)
         found += 1
     for name, (_, _, _, _, can_patch) in _TARGETS.items():
         base = _base_class(name)
@@ -181,8 +209,8 @@ def timm(model: nn.Module, backend: str | None = None, keep_rate: float = 0.7, d
     if not found:
         raise ValueError(f"effvit.patch.timm found nothing to patch in {type(model).__name__}; it patches timm's "
                          "swin_transformer models (swin_tiny_patch4_window7_224, ...), efficientvit_mit models "
-                         "(efficientvit_b1, ...) and VisionTransformer models (vit_small_patch16_224, ...: token "
-                         "dropping)")
+                         "(efficientvit_b1, ...) and VisionTransformer models (vit_small_patch16_224, "
+                         "deit_small_distilled_patch16_224, ...: token dropping)")
     return model
 
 

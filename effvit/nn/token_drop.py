@@ -66,7 +66,7 @@ def attention_with_cls_query(attn, x: torch.Tensor) -> tuple[torch.Tensor, torch
     q, k, v = qkv.unbind(0)
     q, k = attn.q_norm(q), attn.k_norm(k)
     out = F.scaled_dot_product_attention(q, k, v, dropout_p=attn.attn_drop.p if attn.training else 0.0)
-    out = out.transpose(1, 2).reshape(B, N, -1)
+    out = out.transpose(1, 2).reshape(B, N, attn.num_heads * attn.head_dim)
     out = getattr(attn, "norm", torch.nn.Identity())(out)
     if gate is not None:
         out = out * gate

@@ -60,7 +60,7 @@ class WindowAttention(reference.WindowAttention):
         B_ = x.shape[0]
         out = fused_swin_attention(x.view(B_, *self.window_size, self.dim), self, self.window_size, (0, 0),
                                    backend=self.backend)
-        return out.view(B_, -1, self.dim)
+        return out.view(B_, self.window_size[0] * self.window_size[1], self.dim)
 
     def forward_map(self, x: torch.Tensor, shift_size=0, always_partition: bool = False) -> torch.Tensor:
         if x.dim() != 4 or x.shape[3] != self.dim:

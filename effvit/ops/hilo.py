@@ -112,7 +112,7 @@ class LofiAttentionFunction(torch.autograd.Function):
         return out
 
     @staticmethod
-    @torch.autograd.function.once_differentiable  # second derivatives: not implemented, say so
+    @registry.first_order_only("lofi_attention")
     def backward(ctx, grad_out):
         q, kv, out, lse = ctx.saved_tensors
         num_heads, scale, backend = ctx.args
@@ -140,7 +140,7 @@ def lofi_attention(q: torch.Tensor, kv: torch.Tensor, num_heads: int, scale: flo
     q: [B, N, heads*D] (l_q's output; rows may be strided); kv: [B, M, 2*heads*D] with channels (2, heads, D)
     (l_kv's output on the M pooled tokens); scale: head_dim ** -0.5 by default. Returns [B, N, heads*D].
     """
-    scale = checks.check_lofi_attention(q, kv, num_heads, scale)
+    num_heads, scale = checks.check_lofi_attention(q, kv, num_heads, scale)
     chosen = backends.select("hilo", backend, q, q.shape[2] // num_heads, 1)
     if chosen == "torch":
         return reference.lofi_attention(q, kv, num_heads, scale)
@@ -184,7 +184,7 @@ def hilo_attention(module, x: torch.Tensor, H: int, W: int, backend: str | None 
         outs.append(F.linear(att, module.h_proj.weight, module.h_proj.bias).view(B, N, module.h_dim))
     if module.l_heads > 0:
         q = F.linear(x, module.l_q.weight, module.l_q.bias)
-        source = average_pool(xm, module.ws).reshape(B, -1, C) if module.ws > 1 else x
+        source = average_pool(xm, module.ws).flatten(1, 2) if module.ws > 1 else x
         kv = F.linear(source, module.l_kv.weight, module.l_kv.bias)
         att = _lofi(q, kv, module.l_heads, module.scale, chosen)
         outs.append(F.linear(att, module.l_proj.weight, module.l_proj.bias))

@@ -138,7 +138,7 @@ class LinearAttentionFunction(torch.autograd.Function):
         return out
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @registry.first_order_only("linear_attention")
     def backward(ctx, grad_out):
         q, k, v, temperature, state = ctx.saved_tensors
         feature_map, q_scale, k_scale, eps, denom_min, backend = ctx.args
@@ -167,6 +167,8 @@ def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, feature_
                                                                      k_scale, eps, denom_min)
     chosen = backends.select("linear", backend, q, q.shape[3], v.shape[3])
     if chosen == "torch":
+        # the reference multiplies in q's dtype; the kernels take the temperature in the accumulation dtype
+        temperature = None if temperature is None else temperature.to(q.dtype)
         return reference.linear_attention(q, k, v, temperature, feature_map, q_scale, k_scale, eps,
                                           None if math.isinf(denom_min) else denom_min)
     t = None if temperature is None else temperature.reshape(-1).to(acc_dtype(q.dtype))

@@ -1,8 +1,9 @@
-"""What every family's ops module does the same way: register the fake kernels of its C++ and Triton ops, and look
-up each kernel backend's registered ops once."""
+"""What every family's ops module does the same way: register the fake kernels of its C++ and Triton ops, look
+up each kernel backend's registered ops once, and mark backwards that have no derivative of their own."""
 
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import torch
@@ -54,3 +55,38 @@ def resolve_ops(ops: tuple[str, ...], triton_module=None) -> dict[str, dict]:
                                                   getattr(torch.ops.effvit, f"triton_{name}").default)
                            for name in ops}
     return table
+
+
+def first_order_only(op_name: str) -> Callable:
+    """Decorates an autograd.Function's backward that is not itself differentiable. Under create_graph=True its
+    gradients carry a node that raises, naming the op, when they are differentiated again: a second derivative
+    raises rather than coming back None or zero. (torch's once_differentiable skips that node when the incoming
+    gradients do not require grad, as after ``y.sum()``.)"""
+    message = (f"effvit's {op_name} has no second derivative (its backward kernel is not differentiable); "
+               "compute it with backend='torch' (the reference)").encode()
+
+    def decorate(backward: Callable) -> Callable:
+        @functools.wraps(backward)
+        def wrapper(ctx, *grad_outputs):
+            with torch.no_grad():
+                grads = backward(ctx, *grad_outputs)
+            if not torch.is_grad_enabled():
+                return grads
+            single = not isinstance(grads, tuple)
+            grads = (grads,) if single else grads
+            tensors = [i for i, g in enumerate(grads) if isinstance(g, torch.Tensor)]
+            # the node also takes the saved inputs (or outputs) that require grad, so that it lies on the path from
+            # the gradients back to the inputs and a second derivative runs into it
+            anchors = [t for t in ctx.saved_tensors if t is not None and t.requires_grad]
+            if not tensors or not anchors:
+                return grads[0] if single else grads
+            raising = torch._C._functions.DelayedError(message, len(tensors) + len(anchors))(
+                *[grads[i].detach().requires_grad_() for i in tensors], *anchors)
+            out = list(grads)
+            for i, g in zip(tensors, raising):
+                out[i] = g
+            return out[0] if single else tuple(out)
+
+        return wrapper
+
+    return decorate

@@ -148,7 +148,7 @@ class ShiftGroupNormFunction(torch.autograd.Function):
         return shifted, normalized, mean, rstd
 
     @staticmethod
-    @torch.autograd.function.once_differentiable  # second derivatives: not implemented, say so
+    @registry.first_order_only("shift_group_norm")
     def backward(ctx, grad_shifted, grad_normalized, _grad_mean, _grad_rstd):
         shifted, weight, mean, rstd = ctx.saved_tensors
         if grad_shifted is None and grad_normalized is None:
@@ -174,7 +174,7 @@ def shift(x: torch.Tensor, n_div: int = 12, layout: str = "NCHW", backend: str |
     g = C // n_div: group 0 moves one pixel left, 1 right, 2 up, 3 down (zero fill), the rest is copied.
     Returns a new tensor of x's shape (and memory format, when x is dense).
     """
-    _, nhwc = checks.check_shift_input(x, n_div, layout)
+    n_div, nhwc = checks.check_shift_input(x, n_div, layout)
     chosen = backends.select("shift", backend, x)
     if chosen == "torch":
         return reference.shift(x, n_div, layout)
@@ -191,17 +191,21 @@ def shift_group_norm(x: torch.Tensor, n_div: int, weight: torch.Tensor | None = 
     x: [B, C, H, W] (or [B, H, W, C] with layout="NHWC"); weight, bias: [C] or None.
     Returns (shifted, normalized): the ShiftViT block's shortcut and its norm2 output.
     """
-    _, nhwc = checks.check_shift_input(x, n_div, layout)
+    n_div, nhwc = checks.check_shift_input(x, n_div, layout)
     channels = x.shape[3 if nhwc else 1]
     for name, t in (("weight", weight), ("bias", bias)):
         if t is not None:
             checks.check_channel_param(t, name, channels, x)
     eps = checks.check_eps(eps)
-    if x.shape[0] > 0 and x.numel() == 0:
+    if x.shape[1] * x.shape[2] * x.shape[3] == 0:
         raise ValueError(f"shift_group_norm needs C, H and W > 0 (GroupNorm over an empty sample), got shape "
                          f"{tuple(x.shape)}")
     chosen = backends.select("shift", backend, x)
     if chosen == "torch":
+        # torch's group_norm takes parameters in x's dtype, or float32 ones with half/bfloat16 x; the kernels any
+        weight, bias = (t if t is None or t.dtype == x.dtype
+                        or (t.dtype == torch.float32 and x.dtype in (torch.float16, torch.bfloat16))
+                        else t.to(x.dtype) for t in (weight, bias))
         return reference.shift_group_norm(x, n_div, weight, bias, eps, layout)
     if weight is None:
         weight = x.new_ones((channels,))

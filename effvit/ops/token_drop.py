@@ -123,7 +123,7 @@ class ClsAttentionScoresFunction(torch.autograd.Function):
         return scores
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @registry.first_order_only("cls_attention_scores")
     def backward(ctx, grad_scores):
         q, k, lse = ctx.saved_tensors
         scale, num_prefix, backend = ctx.args
@@ -144,7 +144,7 @@ class DropTokensFunction(torch.autograd.Function):
         return out, index
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @registry.first_order_only("drop_tokens")
     def backward(ctx, grad_out, grad_index):
         x, scores, index = ctx.saved_tensors
         num_prefix, fuse, backend = ctx.args
@@ -185,7 +185,7 @@ def drop_tokens(x: torch.Tensor, scores: torch.Tensor, keep: int, num_prefix: in
     tokens, in descending score order (ties: lower position first; NaN scores last) or ascending with
     spatial_order, for scattering back). Differentiable in x and scores (detach scores to stop that gradient).
     """
-    keep = checks.check_drop_tokens(x, scores, keep, num_prefix)
+    keep, num_prefix = checks.check_drop_tokens(x, scores, keep, num_prefix)
     chosen = backends.select("token_drop", backend, x)
     if chosen == "torch":
         return reference.drop_tokens(x, scores, keep, num_prefix, fuse, spatial_order)

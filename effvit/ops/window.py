@@ -130,7 +130,7 @@ class WindowAttentionFunction(torch.autograd.Function):
         return out
 
     @staticmethod
-    @torch.autograd.function.once_differentiable  # second derivatives: not implemented, say so
+    @registry.first_order_only("window_attention")
     def backward(ctx, grad_out):
         qkv, bias_table, pad_qkv, out, lse = ctx.saved_tensors
         num_heads, window, shift, scale, backend = ctx.args
@@ -160,7 +160,7 @@ def window_attention(qkv: torch.Tensor, num_heads: int, window_size, shift_size=
     padded size) applies when shift_size is non-zero. A window larger than the map raises unless
     always_partition=True (then the map is padded up to one window, as timm's always_partition does).
     """
-    window, shift, scale = checks.check_window_attention(qkv, num_heads, window_size, shift_size,
+    num_heads, window, shift, scale = checks.check_window_attention(qkv, num_heads, window_size, shift_size,
                                                          relative_position_bias_table, qkv_bias, scale,
                                                          always_partition)
     chosen = backends.select("window", backend, qkv, num_heads, window, shift)

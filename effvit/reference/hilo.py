@@ -40,7 +40,7 @@ def lofi_attention(q: torch.Tensor, kv: torch.Tensor, num_heads: int, scale: flo
     B, N, C = q.shape
     D = C // num_heads
     q = q.reshape(B, N, num_heads, D).permute(0, 2, 1, 3)
-    kv = kv.reshape(B, -1, 2, num_heads, D).permute(2, 0, 3, 1, 4)
+    kv = kv.reshape(B, kv.shape[1], 2, num_heads, D).permute(2, 0, 3, 1, 4)
     k, v = kv[0], kv[1]
     attn = (q @ k.transpose(-2, -1)) * scale
     attn = attn.softmax(dim=-1)
@@ -52,7 +52,7 @@ def lofi_attention_lse(q: torch.Tensor, kv: torch.Tensor, num_heads: int, scale:
     B, N, C = q.shape
     D = C // num_heads
     q = q.reshape(B, N, num_heads, D).permute(0, 2, 1, 3)
-    k = kv.reshape(B, -1, 2, num_heads, D)[:, :, 0].permute(0, 2, 1, 3)
+    k = kv.reshape(B, kv.shape[1], 2, num_heads, D)[:, :, 0].permute(0, 2, 1, 3)
     return ((q @ k.transpose(-2, -1)) * scale).logsumexp(-1)
 
 
@@ -90,7 +90,7 @@ class HiLo(nn.Module):
         B, H, W, C = x.shape
         ws, hg, wg = self.ws, H // self.ws, W // self.ws
         x = x.reshape(B, hg, ws, wg, ws, C).transpose(2, 3)
-        qkv = self.h_qkv(x).reshape(B, hg * wg, -1, 3, self.h_heads, self.head_dim).permute(3, 0, 1, 4, 2, 5)
+        qkv = self.h_qkv(x).reshape(B, hg * wg, ws * ws, 3, self.h_heads, self.head_dim).permute(3, 0, 1, 4, 2, 5)
         q, k, v = qkv[0], qkv[1], qkv[2]  # [B, windows, h_heads, ws*ws, head_dim]
         attn = (q @ k.transpose(-2, -1)) * self.scale
         attn = attn.softmax(dim=-1)
@@ -103,7 +103,7 @@ class HiLo(nn.Module):
         B, H, W, C = x.shape
         q = self.l_q(x).reshape(B, H * W, self.l_dim)
         if self.ws > 1:
-            pooled = self.sr(x.permute(0, 3, 1, 2)).reshape(B, C, -1).permute(0, 2, 1)
+            pooled = self.sr(x.permute(0, 3, 1, 2)).flatten(2).permute(0, 2, 1)
             kv = self.l_kv(pooled)
         else:
             kv = self.l_kv(x).reshape(B, H * W, 2 * self.l_dim)

@@ -44,16 +44,23 @@ def keep_count(keep_rate: float, scored: int) -> int:
     return math.ceil(keep_rate * scored)
 
 
+def rank_scores(scores: torch.Tensor) -> torch.Tensor:
+    """The positions of scores [B, M] from the highest score down: [B, M]. EViT's ``topk(sorted=True)`` with its
+    ties made definite: equal scores rank by position (lower first), NaN ranks below every number, -inf included.
+    (A stable ascending sort of -scores: torch sorts NaN last.)"""
+    return torch.sort(-scores, dim=1, stable=True).indices
+
+
 def drop_tokens(x: torch.Tensor, scores: torch.Tensor, keep: int, num_prefix: int = 1, fuse: bool = True,
                 spatial_order: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """EViT's Block.forward gathering step.
 
     x: [B, N, C] the residual stream after the attention; scores: [B, N - P]. Returns (out [B, P + keep + fuse, C],
     index [B, keep]): the prefix tokens, the kept tokens (top-k in score order, or ascending position with
-    spatial_order) and with fuse the sum of the dropped tokens weighted by their scores.
+    spatial_order) and with fuse the sum of the dropped tokens weighted by their scores. Ranking: rank_scores.
     """
     B, N, C = x.shape
-    _, idx = torch.topk(scores, keep, dim=1, largest=True, sorted=True)
+    idx = rank_scores(scores)[:, :keep]
     if spatial_order:
         idx = idx.sort(dim=1).values
     prefix, rest = x[:, :num_prefix], x[:, num_prefix:]
@@ -77,7 +84,7 @@ def attention_with_probs(attn_module, x: torch.Tensor) -> tuple[torch.Tensor, to
     q, k, v = qkv.unbind(0)
     q, k = m.q_norm(q), m.k_norm(k)
     attn = ((q * m.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
-    out = (m.attn_drop(attn) @ v).transpose(1, 2).reshape(B, N, -1)
+    out = (m.attn_drop(attn) @ v).transpose(1, 2).reshape(B, N, m.num_heads * m.head_dim)
     out = getattr(m, "norm", torch.nn.Identity())(out)
     if gate is not None:
         out = out * gate

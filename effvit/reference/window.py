@@ -58,14 +58,16 @@ def window_partition(x: torch.Tensor, window: tuple[int, int]) -> torch.Tensor:
     """x: [B, Hp, Wp, C] -> [B * nW, wh, ww, C], windows in row-major order per image."""
     B, H, W, C = x.shape
     x = x.view(B, H // window[0], window[0], W // window[1], window[1], C)
-    return x.permute(0, 1, 3, 2, 4, 5).contiguous().view(-1, window[0], window[1], C)
+    num_windows = (H // window[0]) * (W // window[1])
+    return x.permute(0, 1, 3, 2, 4, 5).contiguous().view(B * num_windows, window[0], window[1], C)
 
 
 def window_reverse(windows: torch.Tensor, window: tuple[int, int], H: int, W: int) -> torch.Tensor:
     """windows: [B * nW, wh, ww, C] -> [B, H, W, C] (H, W: the padded size)."""
     C = windows.shape[-1]
-    x = windows.view(-1, H // window[0], W // window[1], window[0], window[1], C)
-    return x.permute(0, 1, 3, 2, 4, 5).contiguous().view(-1, H, W, C)
+    B = windows.shape[0] // ((H // window[0]) * (W // window[1]))   # timm's view(-1, ...), defined at batch 0 too
+    x = windows.view(B, H // window[0], W // window[1], window[0], window[1], C)
+    return x.permute(0, 1, 3, 2, 4, 5).contiguous().view(B, H, W, C)
 
 
 def shift_region_mask(Hp: int, Wp: int, window: tuple[int, int], shift: tuple[int, int], device=None,
@@ -92,7 +94,7 @@ def _windowed_attention(qkv_windows: torch.Tensor, bias: torch.Tensor | None, ma
 
     qkv_windows: [B_, N, 3C] -> (x [B_, N, C], logits [B_, nH, N, N] before the softmax)."""
     B_, N, C3 = qkv_windows.shape
-    qkv = qkv_windows.reshape(B_, N, 3, num_heads, -1).permute(2, 0, 3, 1, 4)
+    qkv = qkv_windows.reshape(B_, N, 3, num_heads, C3 // (3 * num_heads)).permute(2, 0, 3, 1, 4)
     q, k, v = qkv.unbind(0)
     q = q * scale
     attn = q @ k.transpose(-2, -1)
@@ -100,14 +102,14 @@ def _windowed_attention(qkv_windows: torch.Tensor, bias: torch.Tensor | None, ma
         attn = attn + bias.unsqueeze(0)
     if mask is not None:
         num_win = mask.shape[0]
-        attn = attn.view(-1, num_win, num_heads, N, N) + mask.unsqueeze(1).unsqueeze(0)
-        attn = attn.view(-1, num_heads, N, N)
+        attn = attn.view(B_ // num_win, num_win, num_heads, N, N) + mask.unsqueeze(1).unsqueeze(0)
+        attn = attn.view(B_, num_heads, N, N)
     logits = attn
     attn = attn.softmax(dim=-1)
     if attn_drop is not None:
         attn = attn_drop(attn)
     x = attn @ v
-    return x.transpose(1, 2).reshape(B_, N, -1), logits
+    return x.transpose(1, 2).reshape(B_, N, C3 // 3), logits
 
 
 def _pad_and_partition(t: torch.Tensor, window, shift, pad_value: torch.Tensor | None) -> tuple[torch.Tensor, int, int]:
@@ -123,11 +125,11 @@ def _pad_and_partition(t: torch.Tensor, window, shift, pad_value: torch.Tensor |
         filled[:, :, W:] = True
         t = torch.where(filled, pad_value.to(t.dtype), t)
     _, Hp, Wp, _ = t.shape
-    return window_partition(t, window).view(-1, window[0] * window[1], C), Hp, Wp
+    return window_partition(t, window).view(B * (Hp // window[0]) * (Wp // window[1]), window[0] * window[1], C), Hp, Wp
 
 
 def _reverse_and_crop(windows: torch.Tensor, window, shift, H: int, W: int, Hp: int, Wp: int) -> torch.Tensor:
-    x = window_reverse(windows.view(-1, window[0], window[1], windows.shape[-1]), window, Hp, Wp)
+    x = window_reverse(windows.view(windows.shape[0], window[0], window[1], windows.shape[-1]), window, Hp, Wp)
     x = x[:, :H, :W, :].contiguous()
     if any(shift):
         x = torch.roll(x, shifts=shift, dims=(1, 2))
@@ -163,7 +165,7 @@ def window_attention_lse(qkv: torch.Tensor, bias_table: torch.Tensor | None, num
     mask = shift_region_mask(Hp, Wp, window, shift, qkv.device, acc)
     _, logits = _windowed_attention(windows, bias, mask, num_heads, scale)
     lse = logits.logsumexp(-1)                                      # [B_, nH, N]
-    lse = lse.transpose(1, 2).reshape(-1, window[0] * window[1], num_heads)
+    lse = lse.transpose(1, 2).reshape(lse.shape[0], window[0] * window[1], num_heads)
     return _reverse_and_crop(lse, window, shift, H, W, Hp, Wp).permute(0, 3, 1, 2).contiguous()
 
 
