@@ -157,7 +157,7 @@ def _progress():
     task = bar.add_task("effvit-bench", total=None)
 
     def update(done, total, what):
-        bar.update(task, completed=done, total=total, description=what[-70:])
+        bar.update(task, completed=done, total=total, description=what[:70])
     return bar, update
 
 

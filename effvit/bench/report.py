@@ -1,4 +1,5 @@
-"""Benchmark output: the terminal table, JSON, CSV and Markdown files, and comparisons of two runs."""
+"""Benchmark output: the terminal report (a table that fits the terminal, what was not timed, a headline), JSON,
+CSV and Markdown files, and comparisons of two runs."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import json
 import math
 import os
 import shlex
+import shutil
 import sys
 import textwrap
 
@@ -138,8 +140,6 @@ def _uniform(records: list[dict], settings: dict) -> list[str]:
 
 def terminal_width(file=None) -> int:
     """The terminal's columns when ``file`` is one (or $COLUMNS), else DEFAULT_WIDTH."""
-    import shutil
-
     file = file or sys.stdout
     try:
         if file.isatty():
@@ -152,6 +152,14 @@ def terminal_width(file=None) -> int:
 def _wrap(text: str, width: int, indent: str = "", hanging: str = "") -> list[str]:
     return textwrap.wrap(text, width, initial_indent=indent, subsequent_indent=hanging or indent,
                          break_on_hyphens=False) or [""]
+
+
+NBSP = "\u00a0"  # textwrap does not break at it
+
+
+def _keep_short_parts(label: str, longest: int = 14) -> str:
+    """Joins the words of a label's short comma-separated parts ('batch 1', '3 heads') so a wrap keeps them whole."""
+    return ", ".join(part.replace(" ", NBSP) if len(part) <= longest else part for part in label.split(", "))
 
 
 def table_lines(records: list[dict], width: int, wide: bool = False) -> list[str]:
@@ -183,7 +191,8 @@ def table_lines(records: list[dict], width: int, wide: bool = False) -> list[str
 
     lines = [line(headers["case"], [headers[f] for f in fields[1:]]), "-" * min(width, case_width + rest)]
     for n, key in enumerate(groups):
-        label_lines = _wrap(labels[key], case_width, hanging="  ")
+        label_lines = [text.replace(NBSP, " ")
+                       for text in _wrap(_keep_short_parts(labels[key]), case_width, hanging="  ")]
         rows = cells[key]
         if n:
             lines.append("")
@@ -257,8 +266,8 @@ def headline(result: dict) -> list[str]:
              "over the official code (eager) and over the fastest peer, geometric mean of a family's cases (range)"]
     if families:
         rows = [["family", "× eager", "× fastest peer", "cases", "fastest peer"]]
-        first_seen = {group[0]: n for n, group in reversed(list(enumerate(families)))}
-        for group, cases in sorted(families.items(), key=lambda kv: (first_seen[kv[0][0]], kv[0][1:])):
+        order = list(dict.fromkeys(group[0] for group in families))  # families as they ran; directions together
+        for group, cases in sorted(families.items(), key=lambda kv: (order.index(kv[0][0]), kv[0][1:])):
             eager = [e for e, _, _ in cases if e is not None]
             peer = [p for _, p, _ in cases]
             rows.append([" ".join(group), f"{_geomean(eager):.2f}{_range(eager)}" if eager else "",
@@ -296,10 +305,6 @@ def print_table(result: dict, file=None, width: int | None = None, wide: bool = 
     if head:
         out += [""] + [w for h in head for w in _wrap(h, width, hanging="      " if h.startswith("  ") else "  ")]
     print("\n".join(out), file=file)
-
-
-def plain_table(records: list[dict], width: int = DEFAULT_WIDTH) -> str:
-    return "\n".join(table_lines(records, width))
 
 
 def _allocator(settings: dict) -> str:

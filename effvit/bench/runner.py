@@ -11,7 +11,7 @@ from typing import Callable, Iterable
 import torch
 
 from effvit.bench import cases as cases_mod
-from effvit.bench import machine, timing
+from effvit.bench import machine, report, timing
 from effvit.bench.cases import Case, SuiteOptions
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
@@ -89,7 +89,7 @@ def run(families: Iterable[str] | None = None, *, ops: Iterable[str] | None = No
         steps, first_call, failed = {}, {}, {}
         for name, builder in case.impls.items():  # build (compile) and call once each
             if progress:
-                progress(done, total, f"{case.key} {name}")
+                progress(done, total, f"{name}: {report.case_label(_record(case, name), ('dtype', 'direction'))}")
             try:
                 step = builder()
                 t0 = time.perf_counter()

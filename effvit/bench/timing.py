@@ -240,10 +240,11 @@ GLIBC_MALLOC_ENV = ("MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_T
 def retain_freed_memory() -> bool:
     """Makes glibc keep freed memory for reuse instead of returning it to the OS, for the rest of the process.
 
-    By default (what a user's process has) glibc serves each allocation above its mmap threshold (32 MiB at
-    most) with fresh pages and returns them when freed, so every large output pays first-touch page faults
-    (several microseconds each in a VM), for eager and fused code alike. Kept, the cases time the kernels'
-    own work; jemalloc or tcmalloc, which PyTorch's CPU performance guide recommends, behave like this too.
+    By default (what a user's process has) glibc serves each allocation above its mmap threshold (128 KiB, raised
+    as large blocks are freed, up to 32 MiB) with fresh pages and returns them when freed, so every such output
+    pays first-touch page faults (several microseconds each in a VM), for eager and fused code alike. Kept, the
+    cases time the kernels' own work; jemalloc or tcmalloc, which PyTorch's CPU performance guide recommends,
+    behave like this too.
     Returns False where it cannot be done (not glibc)."""
     global _retained
     name = ctypes.util.find_library("c")
