@@ -152,12 +152,14 @@ def _progress():
         def plain(done, total, what):
             print(f"[{done}/{total}] {what}", file=sys.stderr, flush=True)
         return None, plain
-    bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                   transient=True)
+    bar = Progress(TextColumn("{task.description}"), BarColumn(bar_width=12), MofNCompleteColumn(),
+                   TimeElapsedColumn(), transient=True)
     task = bar.add_task("effvit-bench", total=None)
+    room = max(20, bar.console.width - 32)  # what the bar, the count and the clock leave of a line
 
     def update(done, total, what):
-        bar.update(task, completed=done, total=total, description=what[:70])
+        short = what if len(what) <= room else what[:room - 1] + "…"
+        bar.update(task, completed=done, total=total, description=short)
     return bar, update
 
 

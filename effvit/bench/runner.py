@@ -89,7 +89,7 @@ def run(families: Iterable[str] | None = None, *, ops: Iterable[str] | None = No
         steps, first_call, failed = {}, {}, {}
         for name, builder in case.impls.items():  # build (compile) and call once each
             if progress:
-                progress(done, total, f"{name}: {report.case_label(_record(case, name), ('dtype', 'direction'))}")
+                progress(done, total, f"{name}: {report.case_label(_record(case, name), ('direction',))}")
             try:
                 step = builder()
                 t0 = time.perf_counter()
