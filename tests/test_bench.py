@@ -6,6 +6,7 @@ import contextlib
 import csv
 import io
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -14,7 +15,8 @@ import pytest
 import torch
 
 import effvit.bench
-from effvit.bench import cli, plot, report
+from effvit.bench import cli, plot, report, runner, timing
+from effvit.bench.cases import Case
 
 TINY = ["--family", "shift", "--shape", "7x7x768", "--batch", "1", "--budget", "0.02", "--no-memory"]
 
@@ -91,7 +93,12 @@ def test_tiny_run_writes_json_csv_markdown(tmp_path):
         rows = list(csv.DictReader(f))
     assert len(rows) == len(data["records"]) and "median_us" in rows[0]
     md = (tmp_path / "bench.md").read_text()
-    assert "| op |" in md and "effvit-bench" in md
+    assert "| case | impl |" in md and "effvit-bench" in md
+    assert "shift/shift 7×7×768, n_div 12, batch 1" in md
+    # the CPU cases ran with the allocator a user's process has, and the files say so
+    assert data["settings"]["retain_freed_memory"] is False
+    assert data["settings"]["allocator"].startswith("system")
+    assert "allocator: system" in md
 
 
 def test_plot_writes_pngs(tmp_path):
@@ -251,3 +258,153 @@ def test_compile_peer_compiles_every_case_past_dynamos_recompile_limit(monkeypat
     assert counter.frame_count == n_cases
     module = torch.nn.Sequential(torch.nn.ReLU())   # a module peer (as the HiLo layer's) compiles too
     assert torch.equal(cases.compiled(module)(x), module(x)) and counter.frame_count == n_cases + 1
+
+
+# ---- the report a person reads -------------------------------------------------------------------------
+
+def _case(family, op, params, direction="fwd", title=None, other_designs=()):
+    return Case(family=family, op=op, params=params, dtype=torch.float32, device="cpu", direction=direction,
+                make_inputs=lambda: (), impls={}, bytes=1e6, title=title, other_designs=other_designs)
+
+
+def _records(case, medians_us: dict, skipped: dict | None = None, error: str | None = None) -> list[dict]:
+    """Records of one case as the runner makes them: medians_us {impl: median}, with a tight spread."""
+    peaks = {"copy_gbps": 50.0, "sgemm_gflops": 100.0}
+    recs = [runner._timed_record(case, name, [us * 1e-6 * f for f in (0.95, 1.0, 1.1)], 0.1, 1 << 20, peaks)
+            for name, us in medians_us.items()]
+    if error:
+        recs.append(runner._record(case, error, status="error", reason="RuntimeError: it broke"))
+    recs += [runner._record(case, name, status="skipped", reason=why) for name, why in (skipped or {}).items()]
+    runner._add_ratios(recs)
+    return recs
+
+
+def _result(records, device="cpu", allocator="system (glibc)") -> dict:
+    return {"settings": {"device": device, "threads": 2, "allocator": allocator, "retain_freed_memory": False,
+                         "policy": timing.TimingPolicy().__dict__, "started": "s", "finished": "f"},
+            "machine": {"effvit": "0.1.0", "cpu": "Some CPU", "cpu_count": 2, "torch": "2.x", "torch_cuda": None,
+                        "python": "3.11", "triton": None},
+            "peaks": {"copy_gbps": 50.0, "sgemm_gflops": 100.0}, "records": records}
+
+
+def _tour_like_result(direction="fwd") -> dict:
+    shift = dict(B=1, C=96, H=56, W=56, n_div=12)
+    window = dict(B=1, H=56, W=56, C=96, heads=3, ws=7, shift=3)
+    records = []
+    for d in ("fwd", "fwd+bwd") if direction == "both" else (direction,):
+        records += _records(_case("shift", "shift", shift, d),
+                            {"effvit:cpu": 20.0, "floor:clone": 15.0, "eager": 50.0, "compile": 70.0},
+                            skipped={"effvit:cuda": "effvit._C was built without CUDA kernels (rebuild on a machine "
+                                                    "with nvcc, or with EFFVIT_FORCE_CUDA=1)"})
+        records += _records(_case("shift", "shift_group_norm", shift, d),
+                            {"effvit:cpu": 100.0, "eager": 800.0, "compile": 200.0})
+        records += _records(_case("window", "core", window, d),
+                            {"effvit:cpu": 350.0, "eager": 1560.0, "timm-sdpa": 1000.0, "compile": 2190.0},
+                            skipped={"flex": "FlexAttention is a GPU peer"}, error="effvit:triton")
+        linear = _case("linear", "core", dict(B=1, N=3136, heads=8, D=32), d, other_designs=("sdpa-softmax",))
+        records += _records(linear, {"effvit:cpu": 640.0, "eager": 1440.0, "compile": 1300.0, "sdpa-softmax": 10.0})
+        records += _records(_case("window", "model", dict(B=1, model="swin_t", img=224), d,
+                                  title="swin_tiny_patch4_window7_224"),
+                            {"effvit:cpu": 56000.0, "eager": 60000.0},
+                            skipped={"compile": "torch.compile of the whole model is left out (minutes of "
+                                                "compilation)"})
+    return _result(records)
+
+
+@pytest.mark.parametrize("direction", ["fwd", "both"])
+@pytest.mark.parametrize("width", [80, 100, 120])
+def test_report_fits_the_terminal(width, direction):
+    """No line of the printed report is wider than the terminal, at 80, 100 and 120 columns; the table keeps the
+    columns a reader needs first, readable case labels, what was not timed and why, and the headline."""
+    out = io.StringIO()
+    report.print_table(_tour_like_result(direction), file=out, width=width)
+    text = out.getvalue()
+    too_long = [line for line in text.splitlines() if len(line) > width]
+    assert not too_long, "\n".join(too_long)
+    header = next(line for line in text.splitlines() if line.startswith("case"))
+    assert header.split() == ["case", "impl", "median", "×", "eager", "×", "compile", "floor"]
+    unwrapped = " ".join(text.split())  # labels may wrap in their column at 80
+    assert "swin_tiny_patch4_window7_224," in unwrapped and "batch 1" in unwrapped
+    assert "B1 modelswin_t" not in text and "p10-p90" in text and "peak MiB" not in text  # the legend names them
+    for reason in ("FlexAttention is a GPU peer", "RuntimeError: it broke", "minutes of compilation"):
+        assert reason in unwrapped
+    assert "20.0 µs" in text and "1.56 ms" in text and "56.0 ms" in text
+
+
+def test_report_wide_has_every_column():
+    out = io.StringIO()
+    report.print_table(_tour_like_result(), file=out, width=200, wide=True)
+    header = next(line for line in out.getvalue().splitlines() if line.startswith("case"))
+    for column in ("p10-p90", "GB/s", "% copy peak", "img/s", "peak MiB"):
+        assert column in header
+    assert "19.2-21.6 µs" in out.getvalue()  # the effvit:cpu shift case: p10, p90 of 19, 20, 22 µs
+
+
+def test_headline_per_family_and_model():
+    """Per family: the geometric mean of effvit's speed-ups over eager and over each case's fastest peer (another
+    design, such as softmax beside linear attention, and the copy floor are not peers); then the whole models."""
+    lines = report.headline(_tour_like_result())
+    by_family = {line.split()[0]: line.split() for line in lines if line.startswith("  ")}
+    # shift: over eager 2.5 and 8 -> 4.47; fastest peers eager (2.5) and compile (2) -> 2.24
+    assert by_family["shift"][1:6] == ["4.47", "(2.50-8.00)", "2.24", "(2.00-2.50)", "2"]
+    assert " ".join(by_family["shift"][6:]) == "eager 1, compile 1"
+    assert by_family["linear"][1:4] == ["2.25", "2.03", "1"] and by_family["linear"][4] == "compile"
+    assert by_family["window"][1:3] == ["4.46", "2.86"]  # the core only: the model is a line of its own
+    model = next(line for line in lines if "swin_tiny" in line)
+    assert "swin_tiny_patch4_window7_224, batch 1: 17.9 img/s, 1.07× eager" in model
+    assert "allocator: system (glibc)" in lines[0] and "forward" in lines[0]
+    # with both directions timed, a line per family and direction
+    both = [line.split()[:2] for line in report.headline(_tour_like_result("both")) if line.startswith("  ")]
+    assert ["shift", "fwd"] in both and ["shift", "fwd+bwd"] in both and ["linear", "fwd+bwd"] in both
+
+
+def test_markdown_opens_with_the_headline():
+    md = report.markdown(_tour_like_result(), "effvit-bench")
+    first_block = md.split("```text\n", 1)[1].split("```", 1)[0]
+    assert first_block.splitlines() == report.headline(_tour_like_result())
+    assert md.index("```text") < md.index("| case |")
+
+
+def test_allocator_is_the_systems_unless_asked(monkeypatch):
+    """effvit-bench measures with the allocator a user's process has; --keep-freed-memory is the option, and
+    the run records which one it had."""
+    seen = {}
+
+    def fake_run(families, **kwargs):
+        seen.update(kwargs)
+        return _tour_like_result()
+
+    monkeypatch.setattr(runner, "run", fake_run)
+    assert _bench(*TINY).returncode == 0 and seen["retain_freed_memory"] is False
+    assert _bench(*TINY, "--keep-freed-memory").returncode == 0 and seen["retain_freed_memory"] is True
+    assert _bench(*TINY, "--keep-freed-memory", "--system-malloc").returncode == 2
+    monkeypatch.delenv("LD_PRELOAD", raising=False)
+    for name in timing.GLIBC_MALLOC_ENV:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(timing, "_retained", False)
+    assert timing.cpu_allocator().startswith("system")
+    monkeypatch.setenv("MALLOC_MMAP_MAX_", "0")
+    assert timing.cpu_allocator() == "glibc tuned by MALLOC_MMAP_MAX_"
+    monkeypatch.setattr(timing, "_retained", True)
+    assert timing.cpu_allocator() == "glibc keeping freed memory (--keep-freed-memory)"
+    monkeypatch.setenv("LD_PRELOAD", "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2")
+    assert timing.cpu_allocator() == "jemalloc (LD_PRELOAD)"
+    out = io.StringIO()
+    report.print_table(_result(_tour_like_result()["records"], allocator="jemalloc (LD_PRELOAD)"), file=out)
+    assert "allocator: jemalloc (LD_PRELOAD)" in " ".join(out.getvalue().split())
+
+
+def test_cuda_home_warning_is_silenced():
+    """torch.utils.cpp_extension's "No CUDA runtime is found" (a CUDA toolkit without a GPU) is not about the
+    run: the command drops it, and only it."""
+    cli._quiet_unrelated_warnings()
+    logger = logging.getLogger("torch.utils.cpp_extension")
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    logger.addHandler(handler)
+    try:
+        logger.warning("No CUDA runtime is found, using CUDA_HOME='%s'", "/usr/local")
+        logger.warning("another warning")
+    finally:
+        logger.removeHandler(handler)
+    assert stream.getvalue() == "another warning\n"

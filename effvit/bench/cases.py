@@ -38,6 +38,8 @@ class Case:
     bytes: float = 0.0            # minimum memory traffic of one step
     flops: float = 0.0
     input_bytes: int = 0
+    title: str | None = None      # what a reader calls the case where params do not say it (a model's full name)
+    other_designs: tuple[str, ...] = ()  # impls computing something else (another attention), shown for context
 
     @property
     def shape(self) -> str:
@@ -175,11 +177,12 @@ def element_size(dtype: torch.dtype) -> int:
 def timm_model_case(family: str, B: int, model_name: str, img: int, gflops: float, dtype, opts: SuiteOptions,
                     direction: str, probe_shape: tuple, probe_args: tuple = (), patch_kwargs: dict | None = None,
                     extra_peers: dict[str, Callable] | None = None, extra_skipped: dict | None = None,
-                    params: dict | None = None) -> Case:
+                    params: dict | None = None, title: str | None = None) -> Case:
     """Images/s of timm's ``model_name`` (random weights) patched by effvit.patch.timm(**patch_kwargs) with each
     backend, against the unpatched model ("eager"). ``probe_shape`` / ``probe_args``: what the family's capability
     checks read; ``extra_peers``: more peers, {name: fn(model, images)}; gflops: the unpatched forward's. The model
-    is made when the first implementation is built, not when the case is listed."""
+    is made when the first implementation is built, not when the case is listed. ``title``: the case's name in
+    reports (default ``model_name``)."""
     device, backward = opts.device, direction == "fwd+bwd"
     impls, skipped = {}, {}
 
@@ -216,7 +219,8 @@ def timm_model_case(family: str, B: int, model_name: str, img: int, gflops: floa
             skipped.update(extra_skipped or {})
     return Case(family=family, op="model", params=params or {"B": B, "model": model_name, "img": img}, dtype=dtype,
                 device=device, direction=direction, make_inputs=make_inputs, impls=impls, skipped=skipped, bytes=0.0,
-                flops=gflops * 1e9 * B * (3 if backward else 1), input_bytes=B * 3 * img * img * element_size(dtype))
+                flops=gflops * 1e9 * B * (3 if backward else 1), input_bytes=B * 3 * img * img * element_size(dtype),
+                title=title or model_name)
 
 
 __all__ = ["Case", "SuiteOptions", "register_suite", "suites", "shapes", "kernel_impls", "compile_unavailable",

@@ -6,6 +6,9 @@
     effvit-bench --family shift --shape 7x7x768 --batch 64 --backward --out results/
     effvit-bench --compare old/bench.json --fail-if-regression 10
     effvit-bench --family token_drop --out results/ --plot     # also PNG plots (matplotlib)
+    effvit-bench --wide                   # every column in the terminal (the files always have them)
+    effvit-bench --keep-freed-memory      # CPU: glibc keeps freed memory, as jemalloc would (default: the
+                                          # system allocator, as in a user's process)
 
 Exit status: 0 on success, 1 when --fail-if-regression finds a regression, 2 on bad arguments.
 """
@@ -15,6 +18,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import os
 import sys
 
@@ -64,8 +68,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", action="store_true",
                    help="with --out: also write PNG plots (speed-up bars, latency per case, roofline; needs "
                         "matplotlib)")
-    p.add_argument("--system-malloc", action="store_true",
-                   help="leave glibc returning freed memory to the OS (page faults then dominate large cases)")
+    allocator = p.add_mutually_exclusive_group()
+    allocator.add_argument("--keep-freed-memory", action="store_true",
+                           help="CPU: make glibc keep freed memory for reuse (as jemalloc or tcmalloc do) instead of "
+                                "the system allocator a user's process has, so large outputs do not pay page faults "
+                                "on fresh memory; the report says which allocator a run had")
+    allocator.add_argument("--system-malloc", action="store_true", help=argparse.SUPPRESS)  # the default now
+    p.add_argument("--wide", action="store_true",
+                   help="every column in the terminal (p10-p90, GB/s, img/s, peak MiB), however wide; the files "
+                        "--out writes always have them")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     return p
 
@@ -141,13 +152,34 @@ def _progress():
         def plain(done, total, what):
             print(f"[{done}/{total}] {what}", file=sys.stderr, flush=True)
         return None, plain
-    bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                   transient=True)
+    bar = Progress(TextColumn("{task.description}"), BarColumn(bar_width=12), MofNCompleteColumn(),
+                   TimeElapsedColumn(), transient=True)
     task = bar.add_task("effvit-bench", total=None)
+    room = max(20, bar.console.width - 32)  # what the bar, the count and the clock leave of a line
 
     def update(done, total, what):
-        bar.update(task, completed=done, total=total, description=what[-70:])
+        short = what if len(what) <= room else what[:room - 1] + "…"
+        bar.update(task, completed=done, total=total, description=short)
     return bar, update
+
+
+class _DropMessage(logging.Filter):
+    def __init__(self, prefix: str):
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.prefix)
+
+
+_NO_CUDA_RUNTIME = _DropMessage("No CUDA runtime is found")
+
+
+def _quiet_unrelated_warnings() -> None:
+    """torch.utils.cpp_extension, imported when torch.compile builds the first peer, warns "No CUDA runtime is
+    found, using CUDA_HOME=..." wherever a CUDA toolkit is installed without a GPU: it is about building
+    extensions, not this run, and read like a failure of it."""
+    logging.getLogger("torch.utils.cpp_extension").addFilter(_NO_CUDA_RUNTIME)  # once: the same filter object
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -158,6 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.list:
         _list(args, device)
         return 0
+    _quiet_unrelated_warnings()
     policy = None
     if args.budget or args.cuda_graphs:
         base = timing.default_policy(args.quick)
@@ -167,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     kwargs = dict(ops=args.op, backends=args.backend, dtypes=args.dtype or ["float32"], shapes=args.shape,
                   batches=args.batch, device=device, forward="fwd" in directions, backward="fwd+bwd" in directions,
                   quick=args.quick, threads=args.threads, peers=not args.no_peers, policy=policy,
-                  retain_freed_memory=not args.system_malloc, memory=not args.no_memory, tour=_tour(args),
+                  retain_freed_memory=args.keep_freed_memory, memory=not args.no_memory, tour=_tour(args),
                   progress=progress)
     if bar is not None:
         with bar:
@@ -175,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         result = runner.run(args.family, **kwargs)
     command = report.command_line(argv)
-    report.print_table(result)
+    report.print_table(result, wide=args.wide)
     if args.out:
         paths = list(report.write_all(result, args.out, command).values())
         if args.plot:

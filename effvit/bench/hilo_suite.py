@@ -217,6 +217,7 @@ def _table_case(B: int, stage: dict, dtype, opts: SuiteOptions, direction: str) 
                                                              device, dtype))(module)
         case.skipped.pop("compile", None)
         case.impls.pop("compile", None)  # the table compares attention designs, all eager
+        case.other_designs = ("sra", "local-window", "mhsa")
     case.op = "table"
     return case
 

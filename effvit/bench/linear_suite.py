@@ -81,7 +81,7 @@ def _core_case(B: int, stage: dict, dtype, opts: SuiteOptions, direction: str) -
     params = {"B": B, "N": N, "heads": H, "D": D}
     return Case(family="linear", op="core", params=params, dtype=dtype, device=device, direction=direction,
                 make_inputs=make_inputs, impls=impls, skipped=skipped, bytes=traffic, flops=flops,
-                input_bytes=B * N * 3 * H * D * es)
+                input_bytes=B * N * 3 * H * D * es, other_designs=("sdpa-softmax",))
 
 
 def _model_case(B: int, stage: dict, dtype, opts: SuiteOptions, direction: str) -> Case:

@@ -11,7 +11,7 @@ from typing import Callable, Iterable
 import torch
 
 from effvit.bench import cases as cases_mod
-from effvit.bench import machine, timing
+from effvit.bench import machine, report, timing
 from effvit.bench.cases import Case, SuiteOptions
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
@@ -56,16 +56,20 @@ def run(families: Iterable[str] | None = None, *, ops: Iterable[str] | None = No
         shapes: Iterable[str] | None = None, batches: Iterable[int] | None = None, device: str = "cpu",
         backward: bool = False, forward: bool = True, quick: bool = False, threads: int | None = None,
         peers: bool = True, policy: timing.TimingPolicy | None = None, measure_peaks: bool = True,
-        retain_freed_memory: bool = True, memory: bool = True, tour: bool = False,
+        retain_freed_memory: bool = False, memory: bool = True, tour: bool = False,
         progress: Callable[[int, int, str], None] | None = None) -> dict:
     """Times every case and implementation asked for (tour: each family's TOUR cases, as a bare effvit-bench).
+
+    The process's own allocator serves the CPU cases, as in a user's program; retain_freed_memory makes glibc keep
+    freed memory for reuse instead (for the rest of the process: see timing.retain_freed_memory).
 
     Returns {"settings", "machine", "peaks", "records"}; "records" is a list of flat dicts (one per
     case and implementation, skipped ones included), ready for pandas.DataFrame.
     """
     if threads:
         torch.set_num_threads(threads)
-    retained = timing.retain_freed_memory() if retain_freed_memory and device == "cpu" else False
+    if retain_freed_memory and device == "cpu":
+        timing.retain_freed_memory()
     policy = policy or timing.default_policy(quick)
     directions = tuple(d for d, on in (("fwd", forward), ("fwd+bwd", backward)) if on)
     opts = SuiteOptions(device=device, dtypes=tuple(DTYPES[d] for d in dtypes),
@@ -85,7 +89,7 @@ def run(families: Iterable[str] | None = None, *, ops: Iterable[str] | None = No
         steps, first_call, failed = {}, {}, {}
         for name, builder in case.impls.items():  # build (compile) and call once each
             if progress:
-                progress(done, total, f"{case.key} {name}")
+                progress(done, total, f"{name}: {report.case_label(_record(case, name), ('direction',))}")
             try:
                 step = builder()
                 t0 = time.perf_counter()
@@ -122,7 +126,8 @@ def run(families: Iterable[str] | None = None, *, ops: Iterable[str] | None = No
         "backends": list(backends) if backends else None, "dtypes": list(dtypes),
         "shapes": list(shapes) if shapes else None, "batches": list(batches) if batches else None,
         "device": device, "directions": list(directions), "quick": quick, "tour": tour, "peers": peers,
-        "threads": torch.get_num_threads(), "retain_freed_memory": retained,
+        "threads": torch.get_num_threads(), "retain_freed_memory": timing.freed_memory_retained(),
+        "allocator": timing.cpu_allocator(),
         "policy": policy.__dict__, "started": started.isoformat(timespec="seconds"),
         "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
@@ -134,14 +139,23 @@ def _record(case: Case, impl: str, **fields) -> dict:
         "key": case.key, "family": case.family, "op": case.op, "shape": case.shape,
         **{f"param_{k}": v for k, v in case.params.items()},
         "dtype": str(case.dtype).replace("torch.", ""), "device": case.device, "direction": case.direction,
-        "impl": impl, "kind": impl.split(":")[0] if ":" in impl else "peer",
+        "impl": impl, "kind": _kind(case, impl), "title": case.title,
         "bytes": case.bytes, "flops": case.flops, "status": "ok", "reason": None,
         "median_us": None, "p10_us": None, "p90_us": None, "min_us": None, "repeats": 0, "samples_us": [],
         "first_call_s": None, "peak_memory_bytes": None, "gbps": None, "frac_copy_peak": None,
         "gflops": None, "frac_sgemm_peak": None, "items_per_s": None, "vs_eager": None, "vs_compile": None,
+        "vs_floor": None,
     }
     rec.update(fields)
     return rec
+
+
+def _kind(case: Case, impl: str) -> str:
+    """"effvit" (a kernel backend), "floor" (a bound such as a plain copy), "peer" (the same computation by other
+    code) or "design" (another computation, shown for context)."""
+    if ":" in impl:
+        return impl.split(":")[0]
+    return "design" if impl in case.other_designs else "peer"
 
 
 def _timed_record(case: Case, name: str, samples: list[float], first: float, peak: int | None, peaks: dict) -> dict:
@@ -162,11 +176,15 @@ def _timed_record(case: Case, name: str, samples: list[float], first: float, pea
 
 
 def _add_ratios(records: list[dict]) -> None:
-    """Speed-ups against the peers of the same case (> 1: faster than the peer)."""
+    """Speed-ups against the peers of the same case (> 1: faster than the peer), and the floor's time over each
+    one's (1: as fast as the floor, e.g. a plain copy of the input)."""
     by_impl = {r["impl"]: r for r in records if r["status"] == "ok"}
+    floors = [r["median_us"] for r in by_impl.values() if r["kind"] == "floor"]
     for rec in records:
         if rec["status"] != "ok":
             continue
         for peer, field in (("eager", "vs_eager"), ("compile", "vs_compile")):
             if peer in by_impl:
                 rec[field] = by_impl[peer]["median_us"] / rec["median_us"]
+        if floors and rec["kind"] != "floor":
+            rec["vs_floor"] = min(floors) / rec["median_us"]

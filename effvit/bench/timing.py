@@ -9,6 +9,7 @@ import ctypes
 import ctypes.util
 import math
 import os
+import platform
 import statistics
 import sys
 import time
@@ -230,15 +231,22 @@ def _best_of(fn, device: str, reps: int) -> float:
 # ---- the C allocator ---------------------------------------------------------------------------------
 
 M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
+_retained = False
+# what replaces or tunes the C allocator from outside the process (LD_PRELOAD; glibc's tunables)
+PRELOADED_ALLOCATORS = ("jemalloc", "tcmalloc", "mimalloc")
+GLIBC_MALLOC_ENV = ("MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_ARENA_MAX")
 
 
 def retain_freed_memory() -> bool:
-    """Makes glibc keep freed memory for reuse instead of returning it to the OS.
+    """Makes glibc keep freed memory for reuse instead of returning it to the OS, for the rest of the process.
 
-    Without it, every large output a step allocates is fresh memory, and the first-touch page faults
-    (several microseconds each in a VM) dominate and vary run to run for eager and fused code alike;
-    jemalloc or tcmalloc, which PyTorch's CPU performance guide recommends, behave like this too.
+    By default (what a user's process has) glibc serves each allocation above its mmap threshold (128 KiB, raised
+    as large blocks are freed, up to 32 MiB) with fresh pages and returns them when freed, so every such output
+    pays first-touch page faults (several microseconds each in a VM), for eager and fused code alike. Kept, the
+    cases time the kernels' own work; jemalloc or tcmalloc, which PyTorch's CPU performance guide recommends,
+    behave like this too.
     Returns False where it cannot be done (not glibc)."""
+    global _retained
     name = ctypes.util.find_library("c")
     if not name:
         return False
@@ -250,4 +258,27 @@ def retain_freed_memory() -> bool:
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     ok = mallopt(M_MMAP_MAX, 0) == 1
     ok = mallopt(M_TRIM_THRESHOLD, 2**31 - 1) == 1 and ok
+    _retained = _retained or ok
     return ok
+
+
+def freed_memory_retained() -> bool:
+    """Whether retain_freed_memory() took effect in this process (it cannot be undone)."""
+    return _retained
+
+
+def cpu_allocator() -> str:
+    """The C allocator this process's CPU tensors get, in words: the system's, one preloaded in its place, or
+    glibc's tuned by environment variables or by retain_freed_memory()."""
+    preload = os.environ.get("LD_PRELOAD", "")
+    for name in PRELOADED_ALLOCATORS:
+        if name in preload:
+            return f"{name} (LD_PRELOAD)"
+    tuned = [v for v in GLIBC_MALLOC_ENV if v in os.environ]
+    if "malloc" in os.environ.get("GLIBC_TUNABLES", ""):
+        tuned.append("GLIBC_TUNABLES")
+    if _retained:
+        return "glibc keeping freed memory (--keep-freed-memory)"
+    if tuned:
+        return f"glibc tuned by {', '.join(tuned)}"
+    return "system (glibc)" if platform.libc_ver()[0] == "glibc" else "system"

@@ -97,7 +97,8 @@ def _model_case(B: int, stage: dict, dtype, opts: SuiteOptions, direction: str) 
         "token_drop", B, stage["model"], stage["img"], stage["gflops"], dtype, opts, direction,
         probe_shape=(B, 197, 384), patch_kwargs={"keep_rate": KEEP_RATE, "drop_loc": DROP_LOC},
         extra_peers={"evit-eager": lambda model, x: reference.evit_forward(model, x, KEEP_RATE, DROP_LOC)},
-        extra_skipped={"tome": "ToMe-style merging is not built in effvit"})
+        extra_skipped={"tome": "ToMe-style merging is not built in effvit"},
+        title=f"{stage['model']}, EViT keep rate {KEEP_RATE} (eager: no dropping)")
 
 
 register_suite("token_drop", build, STAGES)
