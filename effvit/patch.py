@@ -148,14 +148,15 @@ def timm(model: nn.Module, backend: str | None = None, keep_rate: float = 0.7, d
          record_index: bool = False) -> nn.Module:
     """Patches, in place, every timm SwinTransformerBlock (fused window attention) and EfficientViT LiteMLA (fused
     linear attention; those with a ReLU kernel function, as timm builds them) in ``model``; a timm
-    VisionTransformer gets EViT token dropping in its Blocks at ``drop_loc`` (block indices), each keeping
+    VisionTransformer (``model``, or one it wraps, as features_only does) gets EViT token dropping in its Blocks at ``drop_loc`` (block indices), each keeping
     ceil(keep_rate * (N - P)) of its N - P non-prefix tokens (P: CLS, registers, distillation token), the dropped
     ones fused into one token with ``fuse_token``; kept tokens in score order, or image order with
     ``spatial_order``; ``detach_scores`` stops the gradient through the scores; ``record_index`` keeps each
     dropping block's kept index in ``model.token_drop.kept``. ``model.keep_rate`` changes the rate later.
 
     Weights, buffers and state_dict keys are untouched; returns ``model``. ``backend`` pins a backend
-    (default: effvit's current choice). Raises ValueError when the model has nothing effvit patches.
+    (default: effvit's current choice). Raises ValueError when the model has nothing effvit patches. The patched
+    model traces with torch.fx and scripts with TorchScript (docs/fx-torchscript.md).
     """
     try:
         importlib.import_module("timm")
@@ -163,8 +164,9 @@ def timm(model: nn.Module, backend: str | None = None, keep_rate: float = 0.7, d
         raise ImportError("effvit.patch.timm needs timm (pip install timm)") from e
     found = 0
     vit_base = _base_class("TokenDropVisionTransformer")
-    if vit_base is not None and type(model) in (vit_base, _fused_class("TokenDropVisionTransformer")):
-        _patch_token_drop(model, backend, keep_rate, drop_loc, fuse_token, spatial_order, detach_scores,
+    vits = () if vit_base is None else (vit_base, _fused_class("TokenDropVisionTransformer"))
+    for vit in [m for m in model.modules() if type(m) in vits]:  # the model, or one it wraps (features_only)
+        _patch_token_drop(vit, backend, keep_rate, drop_loc, fuse_token, spatial_order, detach_scores,
                           record_index)
         found += 1
     for name, (_, _, _, _, can_patch) in _TARGETS.items():

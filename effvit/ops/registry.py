@@ -4,6 +4,7 @@ the C++ ops."""
 
 from __future__ import annotations
 
+import typing
 from typing import Callable
 
 import torch
@@ -45,7 +46,12 @@ def script_kernel(fn: Callable, ops: tuple[str, ...], fallback: Callable | None 
     raises."""
     if _has_cpp_ops(ops):
         return fn
-    return fallback if fallback is not None else torch.jit.unused(fn)
+    if fallback is not None:
+        return fallback
+    # TorchScript types an unused function's stub from its annotations as objects, not the strings that
+    # `from __future__ import annotations` leaves
+    fn.__annotations__ = typing.get_type_hints(fn)
+    return torch.jit.unused(fn)
 
 
 def _eager_fast_path(launcher: Callable, op: Callable) -> Callable:
