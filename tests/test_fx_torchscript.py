@@ -26,18 +26,29 @@ CASES = {
     "efficientvit_b0": (1.0, nn_linear.lite_mla_attention, {"effvit::linear_attention"}),
     "vit_small_patch16_224": (0.7, nn_token_drop.drop_by_cls_attention,
                               {"effvit::cls_attention_scores", "effvit::drop_tokens"}),
+    "swin_base_patch4_window12_384": (1.0, nn_window.window_attention_core, {"effvit::window_attention"}),
 }
+# make test: the same architectures, narrower (the real sizes run under make test-heavy); Swin on 112 x 112, where
+# the last stage's 3 x 3 map clamps the window
+NARROW = {"swin_tiny_patch4_window7_224": dict(embed_dim=32, num_heads=(1, 2, 4, 8), img_size=112),
+          "vit_small_patch16_224": dict(embed_dim=64, num_heads=2)}
+HEAVY = ("swin_base_patch4_window12_384",)
+MODELS = [pytest.param(name, NARROW.get(name, {}), id=name) for name in CASES if name not in HEAVY] + [
+    pytest.param(name, {}, id=f"{name}-full" if name in NARROW else name, marks=pytest.mark.heavy)
+    for name in (*NARROW, *HEAVY)]
 
 
-def make_models(name: str, keep_rate: float = 1.0):
+def make_models(name: str, keep_rate: float = 1.0, **kwargs):
     """(timm's model, the same weights patched), eval mode on DEVICE."""
     torch.manual_seed(0)
-    model = timm.create_model(name, pretrained=False).to(DEVICE).eval()
+    model = timm.create_model(name, pretrained=False, **kwargs).to(DEVICE).eval()
     return model, effvit.patch.timm(copy.deepcopy(model), keep_rate=keep_rate)
 
 
-def images(batch: int = 1) -> torch.Tensor:
-    return torch.randn(batch, 3, 224, 224, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+def images(model, batch: int = 1) -> torch.Tensor:
+    """A batch of the size ``model`` takes."""
+    size = getattr(getattr(model, "patch_embed", None), "img_size", None) or model.pretrained_cfg["input_size"][1:]
+    return torch.randn(batch, 3, *size, generator=torch.Generator().manual_seed(1)).to(DEVICE)
 
 
 def leaf_calls(graph_module: torch.fx.GraphModule) -> set:
@@ -53,11 +64,11 @@ def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a - b).abs().max().item()
 
 
-@pytest.mark.parametrize("name", list(CASES))
-def test_fx_graph_calls_the_fused_path_and_matches(name):
+@pytest.mark.parametrize("name,kwargs", MODELS)
+def test_fx_graph_calls_the_fused_path_and_matches(name, kwargs):
     keep_rate, leaf, _ = CASES[name]
-    timm_model, patched = make_models(name, keep_rate)
-    x = images()
+    timm_model, patched = make_models(name, keep_rate, **kwargs)
+    x = images(patched)
     graph_module = torch.fx.symbolic_trace(patched)
     assert leaf in leaf_calls(graph_module)
     with torch.no_grad():
@@ -98,21 +109,23 @@ def test_fx_token_drop_count_comes_from_the_input():
 
 
 def test_fx_token_drop_refuses_what_it_cannot_trace():
-    _, patched = make_models("vit_small_patch16_224", 0.7)
+    _, patched = make_models("vit_small_patch16_224", 0.7, **NARROW["vit_small_patch16_224"])
     patched.token_drop.record_index = True
     with pytest.raises(ValueError, match="record_index"):
         torch.fx.symbolic_trace(patched)
 
 
-@pytest.mark.parametrize("name,nodes", [
-    ("swin_tiny_patch4_window7_224", ["layers.1", "layers.2", "layers.3", "norm"]),
-    ("vit_small_patch16_224", ["blocks.2", "blocks.5", "blocks.11", "norm"]),
-])
-def test_create_feature_extractor_features_equal_unpatched(name, nodes):
+FEATURE_NODES = {"swin_tiny_patch4_window7_224": ["layers.1", "layers.2", "layers.3", "norm"],
+                 "vit_small_patch16_224": ["blocks.2", "blocks.5", "blocks.11", "norm"]}
+
+
+@pytest.mark.parametrize("name,kwargs", [p for p in MODELS if p.values[0] in FEATURE_NODES])
+def test_create_feature_extractor_features_equal_unpatched(name, kwargs):
     """torchvision's feature extraction, as a detector pulls a backbone's features: the patched model's equal the
     unpatched model's (ViT at keep_rate 1 exactly), from a graph that runs effvit's kernels."""
-    timm_model, patched = make_models(name, 1.0)
-    x = images()
+    nodes = FEATURE_NODES[name]
+    timm_model, patched = make_models(name, 1.0, **kwargs)
+    x = images(patched)
     expected = feature_extraction.create_feature_extractor(timm_model, return_nodes=nodes)
     extractor = feature_extraction.create_feature_extractor(patched, return_nodes=nodes)
     if name.startswith("swin"):
@@ -128,11 +141,11 @@ def test_create_feature_extractor_features_equal_unpatched(name, nodes):
 
 
 @requires_ext
-@pytest.mark.parametrize("name", list(CASES))
-def test_script_runs_the_kernels_and_matches_eager(name):
+@pytest.mark.parametrize("name,kwargs", MODELS)
+def test_script_runs_the_kernels_and_matches_eager(name, kwargs):
     keep_rate, _, ops = CASES[name]
-    timm_model, patched = make_models(name, keep_rate)
-    x = images()
+    timm_model, patched = make_models(name, keep_rate, **kwargs)
+    x = images(patched)
     scripted = torch.jit.script(patched)
     assert ops <= effvit_ops(scripted)
     with torch.no_grad():
@@ -153,9 +166,9 @@ def test_script_runs_the_kernels_and_matches_eager(name):
 
 @requires_ext
 def test_script_vit_keep_rate_one_is_timm_exactly():
-    timm_model, patched = make_models("deit3_small_patch16_224", 1.0)
+    timm_model, patched = make_models("deit3_small_patch16_224", 1.0, **NARROW["vit_small_patch16_224"])
     scripted = torch.jit.script(patched)
-    x = images()
+    x = images(patched)
     with torch.no_grad():
         assert torch.equal(scripted(x), torch.jit.script(timm_model)(x))
 
@@ -164,10 +177,10 @@ def test_script_vit_keep_rate_one_is_timm_exactly():
 @pytest.mark.parametrize("name", ["swin_tiny_patch4_window7_224", "vit_small_patch16_224"])
 def test_script_of_the_fx_graph_runs_the_kernels(name):
     keep_rate, _, ops = CASES[name]
-    _, patched = make_models(name, keep_rate)
+    _, patched = make_models(name, keep_rate, **NARROW[name])
     scripted = torch.jit.script(torch.fx.symbolic_trace(patched))
     assert ops <= effvit_ops(scripted)
-    x = images()
+    x = images(patched)
     with torch.inference_mode():
         assert max_diff(scripted(x), patched(x)) < 1e-5
     if name.startswith("swin"):    # no backward of the C++ op under TorchScript: an error that says what to do
@@ -176,26 +189,26 @@ def test_script_of_the_fx_graph_runs_the_kernels(name):
 
 
 def test_script_settings_are_read_when_scripting():
-    _, patched = make_models("swin_tiny_patch4_window7_224", 1.0)
+    _, patched = make_models("swin_tiny_patch4_window7_224", 1.0, **NARROW["swin_tiny_patch4_window7_224"])
     effvit.patch.timm(patched, backend="torch")     # the reference: the scripted model runs timm's own code
     scripted = torch.jit.freeze(torch.jit.script(patched))   # freezing drops the branches that cannot run
     assert not effvit_ops(scripted)
     effvit.unpatch(patched)
     assert not any(hasattr(m, "_effvit_script_kernels") for m in patched.modules())
-    _, vit = make_models("vit_small_patch16_224", 0.7)
+    _, vit = make_models("vit_small_patch16_224", 0.7, **NARROW["vit_small_patch16_224"])
     vit.token_drop.record_index = True
     with pytest.raises(ValueError, match="record_index"):
         torch.jit.script(vit)
 
 
 @requires_ext
-@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize("name", [name for name in CASES if name not in HEAVY])
 def test_trace_records_the_kernels(name):
     """torch.jit.trace with gradients on (its default check re-traces under no_grad): the graph holds effvit's ops,
     matches eager, and saves."""
     keep_rate, _, ops = CASES[name]
-    _, patched = make_models(name, keep_rate)
-    x = images()
+    _, patched = make_models(name, keep_rate, **NARROW.get(name, {}))
+    x = images(patched)
     traced = torch.jit.trace(patched, x)
     assert ops <= effvit_ops(traced)
     buffer = io.BytesIO()

@@ -90,8 +90,8 @@ def drop_by_cls_attention(x: torch.Tensor, q_cls: torch.Tensor, k: torch.Tensor,
     """EViT's drop step as one call in torch.fx graphs and in TorchScript: scores from the CLS query (q_cls [B, H, D],
     k [B, H, N, D]), then the top ceil(keep_rate * (N - P)) of x's N - P non-prefix tokens [B, N, C] kept (x itself
     when that keeps them all). The count is read from x's shape when the call runs, so a traced graph holds no
-    branch on a traced value and no count of its own; so is the block's attn_mask / is_causal (an fx graph's inputs),
-    which a drop cannot honour (ValueError).
+    branch on a traced value and no count of its own. attn_mask / is_causal (inputs of an fx graph) are checked when
+    it runs too: a drop cannot honour them (ValueError).
 
     torch.fx records it as a leaf (torch.fx.wrap). Run from Python it is effvit.cls_attention_scores and
     effvit.drop_tokens; compiled by TorchScript it calls their C++ kernels, or the reference where a gradient is
