@@ -18,7 +18,6 @@ from effvit.reference import token_drop as ref_token_drop
 from conftest import DEVICE, requires_ext
 
 timm = pytest.importorskip("timm")
-feature_extraction = pytest.importorskip("torchvision.models.feature_extraction")
 
 # model name -> (keep_rate, the leaf call its fx graph must hold, the ops its TorchScript graph must hold)
 CASES = {
@@ -123,6 +122,7 @@ FEATURE_NODES = {"swin_tiny_patch4_window7_224": ["layers.1", "layers.2", "layer
 def test_create_feature_extractor_features_equal_unpatched(name, kwargs):
     """torchvision's feature extraction, as a detector pulls a backbone's features: the patched model's equal the
     unpatched model's (ViT at keep_rate 1 exactly), from a graph that runs effvit's kernels."""
+    feature_extraction = pytest.importorskip("torchvision.models.feature_extraction")
     nodes = FEATURE_NODES[name]
     timm_model, patched = make_models(name, 1.0, **kwargs)
     x = images(patched)

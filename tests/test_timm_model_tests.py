@@ -52,6 +52,7 @@ def _cache_dir() -> Path:
 def timm_test_models() -> Path:
     """tests/test_models.py of the installed timm's sdist, from the cache or fetched into it."""
     timm = pytest.importorskip("timm")
+    pytest.importorskip("torchvision", reason="timm's fx tests need torchvision's feature extraction")
     target = _cache_dir() / "timm-tests" / timm.__version__ / "test_models.py"
     if target.exists():
         return target
@@ -94,7 +95,8 @@ def run_timm_tests(test_file: Path, model_name: str, patched: bool, out_dir: Pat
         cmd += ["-p", "_timm_patch_shim"]
     # the effvit under test, and the shim, first on the subprocess's path
     path = [str(Path(effvit.__file__).resolve().parent.parent), str(TESTS_DIR), os.environ.get("PYTHONPATH", "")]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in path if p))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_XDIST", "PYTEST_CURRENT_TEST"))}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in path if p)
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=test_file.parent, timeout=3600)
     if not junit.exists():
         raise AssertionError(f"timm's tests did not run (exit {done.returncode}):\n{done.stdout[-3000:]}\n"
