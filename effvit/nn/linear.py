@@ -84,10 +84,11 @@ def fused_lite_mla(self, x: torch.Tensor) -> torch.Tensor:
     multi_scale_qkv = [qkv]
     for op in self.aggreg:
         multi_scale_qkv.append(op(qkv))
-    qkv = torch.cat(multi_scale_qkv, dim=1).reshape(B, -1, 3 * self.dim, H * W).transpose(-1, -2)
+    qkv = torch.cat(multi_scale_qkv, dim=1)
+    qkv = qkv.reshape(B, qkv.shape[1] // (3 * self.dim), 3 * self.dim, H * W).transpose(-1, -2)
     q, k, v = qkv.chunk(3, dim=-1)
     out = lite_mla_attention(q, k, v, self.eps, self.effvit_backend)
-    return self.proj(out.transpose(-1, -2).reshape(B, -1, H, W))
+    return self.proj(out.transpose(-1, -2).reshape(B, out.shape[1] * out.shape[3], H, W))
 
 
 # the methods of the patched LiteMLA (effvit.patch adds _timm_forward, timm's own forward)

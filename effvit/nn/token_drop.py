@@ -74,7 +74,7 @@ def attention_with_cls_query(self, x: torch.Tensor, attn_mask: Optional[torch.Te
     q, k = attn.q_norm(q), attn.k_norm(k)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
                                          dropout_p=attn.attn_drop.p if attn.training else 0.0, is_causal=is_causal)
-    out = out.transpose(1, 2).reshape(B, N, -1)
+    out = out.transpose(1, 2).reshape(B, N, attn.num_heads * attn.head_dim)
     if hasattr(attn, "norm"):
         out = attn.norm(out)
     if gate is not None:
