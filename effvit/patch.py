@@ -18,30 +18,15 @@ path (so deepcopy, pickling and state_dict all keep working), and unpatching swa
 from __future__ import annotations
 
 import importlib
+import types
 
 import torch.nn as nn
 
+from effvit.nn.linear import TIMM_LITE_MLA_METHODS
+from effvit.nn.token_drop import TIMM_BLOCK_METHODS
+from effvit.nn.window import TIMM_SWIN_BLOCK_METHODS
+
 _PATCHED: dict[type, type] = {}   # timm class -> its effvit subclass
-
-
-def _swin_attn(self, x):
-    from effvit.nn.window import fused_swin_attention
-
-    # timm's block has already clamped window_size / shift_size to the input resolution
-    return fused_swin_attention(x, self.attn, self.window_size, self.shift_size, always_partition=True,
-                                backend=getattr(self, "effvit_backend", None))
-
-
-def _lite_mla_forward(self, x):
-    from effvit.nn.linear import fused_lite_mla
-
-    return fused_lite_mla(self, x, backend=getattr(self, "effvit_backend", None))
-
-
-def _dropping_block_forward(self, x, attn_mask=None, is_causal=False):
-    from effvit.nn.token_drop import dropping_block_forward
-
-    return dropping_block_forward(self, x, attn_mask=attn_mask, is_causal=is_causal)
 
 
 def _get_keep_rate(self):
@@ -61,26 +46,27 @@ def _vit_forward_intermediates(self, *args, **kwargs):
     return type(self).__bases__[0].forward_intermediates(self, *args, **kwargs)
 
 
+# what token dropping changes in a timm ViT class (TorchScript skips the keep_rate property)
+_TOKEN_DROP_VIT_METHODS = {"keep_rate": property(_get_keep_rate, _set_keep_rate),
+                           "__jit_unused_properties__": ["keep_rate"],
+                           "forward_intermediates": _vit_forward_intermediates}
+
 # subclass name -> (timm module, class, overridden methods, docstring, whether an instance is patched by the scan;
 # the token-drop classes are patched by _patch_token_drop, at the blocks a caller names)
 _TARGETS = {
-    "FusedSwinTransformerBlock": ("timm.models.swin_transformer", "SwinTransformerBlock", {"_attn": _swin_attn},
+    "FusedSwinTransformerBlock": ("timm.models.swin_transformer", "SwinTransformerBlock", TIMM_SWIN_BLOCK_METHODS,
                                   "timm's SwinTransformerBlock with effvit's fused (shifted-)window attention.",
                                   lambda m: True),
-    "FusedLiteMLA": ("timm.models.efficientvit_mit", "LiteMLA", {"forward": _lite_mla_forward},
+    "FusedLiteMLA": ("timm.models.efficientvit_mit", "LiteMLA", TIMM_LITE_MLA_METHODS,
                      "timm's EfficientViT LiteMLA with effvit's fused linear attention.",
                      lambda m: type(m.kernel_func) is nn.ReLU),
-    "TokenDropBlock": ("timm.models.vision_transformer", "Block", {"forward": _dropping_block_forward},
+    "TokenDropBlock": ("timm.models.vision_transformer", "Block", TIMM_BLOCK_METHODS,
                        "timm's ViT Block with EViT token dropping after its attention (effvit.nn.token_drop).",
                        lambda m: False),
-    "TokenDropVisionTransformer": ("timm.models.vision_transformer", "VisionTransformer",
-                                   {"keep_rate": property(_get_keep_rate, _set_keep_rate),
-                                    "forward_intermediates": _vit_forward_intermediates},
+    "TokenDropVisionTransformer": ("timm.models.vision_transformer", "VisionTransformer", _TOKEN_DROP_VIT_METHODS,
                                    "timm's VisionTransformer whose Blocks at token_drop.drop_loc drop tokens.",
                                    lambda m: False),
-    "TokenDropVisionTransformerDistilled": ("timm.models.deit", "VisionTransformerDistilled",
-                                            {"keep_rate": property(_get_keep_rate, _set_keep_rate),
-                                             "forward_intermediates": _vit_forward_intermediates},
+    "TokenDropVisionTransformerDistilled": ("timm.models.deit", "VisionTransformerDistilled", _TOKEN_DROP_VIT_METHODS,
                                             "timm's VisionTransformerDistilled (DeiT) whose Blocks at "
                                             "token_drop.drop_loc drop tokens (CLS and distillation token kept).",
                                             lambda m: False),
@@ -88,6 +74,17 @@ _TARGETS = {
 
 # the timm ViT classes token dropping patches: VisionTransformer and its subclasses that keep its Blocks
 _TOKEN_DROP_MODELS = ("TokenDropVisionTransformer", "TokenDropVisionTransformerDistilled")
+
+
+def _named(member, name: str):
+    """A function as the method ``name``: a copy with that __name__, since TorchScript compiles a method under its
+    function's __name__ (timm's forward kept as _timm_forward would otherwise clash with the new forward)."""
+    if not isinstance(member, types.FunctionType) or member.__name__ == name:
+        return member
+    copy = types.FunctionType(member.__code__, member.__globals__, name, member.__defaults__, member.__closure__)
+    copy.__kwdefaults__, copy.__doc__, copy.__module__ = member.__kwdefaults__, member.__doc__, member.__module__
+    copy.__dict__.update(member.__dict__)  # keeps torch.jit.unused's mark
+    return copy
 
 
 def _base_class(name: str) -> type | None:
@@ -104,7 +101,10 @@ def _fused_class(name: str) -> type:
         raise ImportError(f"effvit.patch.timm needs timm with {'.'.join(_TARGETS[name][:2])} (pip install timm)")
     if base not in _PATCHED:
         methods, doc = _TARGETS[name][2], _TARGETS[name][3]
-        _PATCHED[base] = type(name, (base,), {**methods, "__module__": __name__, "__doc__": doc})
+        # timm's own methods stay callable as _timm_<name> (_attn: _timm_attn): TorchScript, which has no super(), falls back to them
+        originals = {"_timm_" + m.lstrip("_"): getattr(base, m) for m in methods if callable(getattr(base, m, None))}
+        members = {k: _named(v, k) for k, v in {**originals, **methods}.items()}
+        _PATCHED[base] = type(name, (base,), {**members, "__module__": __name__, "__doc__": doc})
     return _PATCHED[base]
 
 
@@ -176,23 +176,24 @@ def timm(model: nn.Module, backend: str | None = None, keep_rate: float = 0.7, d
          record_index: bool = False) -> nn.Module:
     """Patches, in place, every timm SwinTransformerBlock (fused window attention) and EfficientViT LiteMLA (fused
     linear attention; those with a ReLU kernel function, as timm builds them) in ``model``; a timm
-    VisionTransformer gets EViT token dropping in its Blocks at ``drop_loc`` (block indices), each keeping
+    VisionTransformer (``model``, or one it wraps, as features_only does) gets EViT token dropping in its Blocks at ``drop_loc`` (block indices), each keeping
     ceil(keep_rate * (N - P)) of its N - P non-prefix tokens (P: CLS, registers, distillation token), the dropped
     ones fused into one token with ``fuse_token``; kept tokens in score order, or image order with
     ``spatial_order``; ``detach_scores`` stops the gradient through the scores; ``record_index`` keeps each
     dropping block's kept index in ``model.token_drop.kept``. ``model.keep_rate`` changes the rate later.
 
     Weights, buffers and state_dict keys are untouched; returns ``model``. ``backend`` pins a backend
-    (default: effvit's current choice). Raises ValueError when the model has nothing effvit patches.
+    (default: effvit's current choice). Raises ValueError when the model has nothing effvit patches. The patched
+    model traces with torch.fx and scripts with TorchScript (docs/fx-torchscript.md).
     """
     try:
         importlib.import_module("timm")
     except ImportError as e:
         raise ImportError("effvit.patch.timm needs timm (pip install timm)") from e
     found = 0
-    token_drop_model = _token_drop_model(model)
-    if token_drop_model is not None:
-        _patch_token_drop(model, token_drop_model, backend, keep_rate, drop_loc, fuse_token, spatial_order,
+    # the model, or one it wraps (features_only)
+    for vit in [m for m in model.modules() if _token_drop_model(m) is not None]:
+        _patch_token_drop(vit, _token_drop_model(vit), backend, keep_rate, drop_loc, fuse_token, spatial_order,
                           detach_scores, record_index)
         found += 1
     for name, (_, _, _, _, can_patch) in _TARGETS.items():
@@ -221,6 +222,7 @@ def unpatch(model: nn.Module) -> nn.Module:
         base = originals.get(type(module))
         if base is not None:
             module.__class__ = base
-            for key in ("effvit_backend", "token_drop", "_effvit_token_drop", "_effvit_block_index"):
+            for key in ("effvit_backend", "token_drop", "_effvit_token_drop", "_effvit_block_index",
+                        "_effvit_script_kernels", "_effvit_script_settings"):
                 module.__dict__.pop(key, None)
     return model

@@ -1,14 +1,47 @@
-"""Drop-in modules for Swin's (shifted-)window attention, with timm's parameter names."""
+"""Drop-in modules for Swin's (shifted-)window attention, with timm's parameter names, and the methods
+effvit.patch.timm gives timm's SwinTransformerBlock."""
 
 from __future__ import annotations
+
+from typing import List, Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from effvit import checks
+from effvit.nn.common import prepare_scriptable
 from effvit.ops import window as window_ops
 from effvit.reference import window as reference
+
+
+@torch.fx.wrap
+def window_attention_core(qkv: torch.Tensor, num_heads: int, window: List[int], shift: List[int],
+                          bias_table: Optional[torch.Tensor], qkv_bias: Optional[torch.Tensor], scale: float,
+                          always_partition: bool = True, backend: Optional[str] = None) -> torch.Tensor:
+    """effvit.window_attention with typed arguments (window and shift as [h, w] lists), as one call in torch.fx
+    graphs and in TorchScript.
+
+    torch.fx records it as a leaf (torch.fx.wrap), so a traced graph calls it, and effvit's kernels, instead of
+    tracing into its argument checks and backend choice. Run from Python (eagerly, or in an fx graph) it is
+    effvit.window_attention; compiled by TorchScript it calls the C++ kernel of qkv's device, forward only.
+    """
+    if torch.jit.is_scripting():
+        if torch.is_grad_enabled() and (qkv.requires_grad or (bias_table is not None and bias_table.requires_grad)):
+            raise RuntimeError(
+                "effvit's window attention runs its C++ kernel under TorchScript, which has no backward there: run "
+                "the scripted graph under torch.no_grad() or torch.inference_mode(), or train the eager one (a model "
+                "patched by effvit.patch.timm and scripted as a whole runs timm's own code where gradients are needed)")
+        return window_ops.script_window_attention(qkv, num_heads, window, shift, bias_table, qkv_bias, scale)
+    return _window_attention(qkv, num_heads, window, shift, bias_table, qkv_bias, scale, always_partition, backend)
+
+
+@torch.jit.unused
+def _window_attention(qkv: torch.Tensor, num_heads: int, window: List[int], shift: List[int],
+                      bias_table: Optional[torch.Tensor], qkv_bias: Optional[torch.Tensor], scale: float,
+                      always_partition: bool, backend: Optional[str]) -> torch.Tensor:
+    return window_ops.window_attention(qkv, num_heads, window, shift, bias_table, qkv_bias, scale, always_partition,
+                                       backend)
 
 
 def fused_swin_attention(x: torch.Tensor, attn: nn.Module, window, shift, always_partition: bool = True,
@@ -24,8 +57,8 @@ def fused_swin_attention(x: torch.Tensor, attn: nn.Module, window, shift, always
     if attn.training and isinstance(attn_drop, nn.Dropout) and attn_drop.p > 0:
         return reference.swin_attention(x, attn, window, shift)
     qkv = F.linear(x, attn.qkv.weight, attn.qkv.bias)
-    out = window_ops.window_attention(qkv, attn.num_heads, window, shift, attn.relative_position_bias_table,
-                                      attn.qkv.bias, attn.scale, always_partition, backend)
+    out = window_attention_core(qkv, attn.num_heads, list(window), list(shift), attn.relative_position_bias_table,
+                                attn.qkv.bias, attn.scale, always_partition, backend)
     return attn.proj_drop(attn.proj(out))
 
 
@@ -70,3 +103,35 @@ class WindowAttention(reference.WindowAttention):
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, window_size={self.window_size}, num_heads={self.num_heads}"
+
+
+# ---- timm's SwinTransformerBlock, patched (effvit.patch.timm swaps its class for a subclass with these methods) ----
+
+def _block_attn(self, x: torch.Tensor) -> torch.Tensor:
+    """_attn of a patched block: fused_swin_attention. Compiled by TorchScript: the C++ kernel, or timm's own _attn
+    where the kernels cannot serve (see prepare_scriptable), in training with attention dropout, or where a gradient
+    is needed (TorchScript cannot run the kernel's backward)."""
+    if not torch.jit.is_scripting():
+        return self._effvit_attn(x)
+    attn = self.attn
+    table, qkv_bias = attn.relative_position_bias_table, attn.qkv.bias
+    if (not self._effvit_script_kernels or (attn.training and attn.attn_drop.p > 0)
+            or (torch.is_grad_enabled() and (x.requires_grad or attn.qkv.weight.requires_grad or table.requires_grad
+                                             or (qkv_bias is not None and qkv_bias.requires_grad)))):
+        return self._timm_attn(x)
+    out = window_attention_core(F.linear(x, attn.qkv.weight, qkv_bias), attn.num_heads,
+                                [self.window_size[0], self.window_size[1]], [self.shift_size[0], self.shift_size[1]],
+                                table, qkv_bias, attn.scale)
+    return attn.proj_drop(attn.proj(out))
+
+
+@torch.jit.unused
+def _block_fused_attn(self, x: torch.Tensor) -> torch.Tensor:
+    # timm's block has already clamped window_size / shift_size to the input resolution
+    return fused_swin_attention(x, self.attn, self.window_size, self.shift_size, always_partition=True,
+                                backend=getattr(self, "effvit_backend", None))
+
+
+# the methods of the patched block (effvit.patch adds _timm_attn, timm's own _attn)
+TIMM_SWIN_BLOCK_METHODS = {"_attn": _block_attn, "_effvit_attn": _block_fused_attn,
+                           "__prepare_scriptable__": prepare_scriptable}

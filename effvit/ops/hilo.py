@@ -121,12 +121,8 @@ class LofiAttentionFunction(torch.autograd.Function):
         return grad_q if need[0] else None, grad_kv if need[1] else None, None, None, None
 
 
-def _needs_grad(*tensors) -> bool:
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-
-
 def _lofi(q, kv, num_heads: int, scale: float, backend: str) -> torch.Tensor:
-    if _needs_grad(q, kv):
+    if registry.needs_autograd(q, kv):
         return LofiAttentionFunction.apply(q, kv, num_heads, scale, backend)
     return op(backend, "lofi_attention")(q, kv, num_heads, scale)[0]
 
@@ -175,7 +171,7 @@ def hilo_attention(module, x: torch.Tensor, H: int, W: int, backend: str | None 
         qkv = F.linear(xm, module.h_qkv.weight, module.h_qkv.bias)
         pad = None if module.h_qkv.bias is None else module.h_qkv.bias.to(qkv.dtype)
         win = [module.ws, module.ws]
-        if _needs_grad(qkv, pad):
+        if registry.needs_autograd(qkv, pad):
             att = window_ops.WindowAttentionFunction.apply(qkv, None, pad, module.h_heads, win, [0, 0], module.scale,
                                                            chosen)
         else:

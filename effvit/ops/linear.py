@@ -10,11 +10,14 @@ Layers, bottom up:
       forward saves q, k, v and the state [B, H, D, Dv + 1] (O(N) memory); backward recomputes from them.
   linear_attention()
       checks the arguments, chooses the backend (effvit.backends, family "linear") and runs.
+  script_linear_attention()
+      the C++ op as TorchScript calls it (effvit.nn.linear.lite_mla_attention).
 """
 
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 
@@ -173,6 +176,18 @@ def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, feature_
                                           None if math.isinf(denom_min) else denom_min)
     t = None if temperature is None else temperature.reshape(-1).to(acc_dtype(q.dtype))
     args = (feature_map, q_scale, k_scale, eps, denom_min)
-    if torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (q, k, v, t)):
+    if registry.needs_autograd(q, k, v, t):
         return LinearAttentionFunction.apply(q, k, v, t, *args, chosen)
     return op(chosen, "linear_attention")(q, k, v, t, *args)[0]
+
+
+def _script_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, temperature: Optional[torch.Tensor],
+                             feature_map: str, q_scale: float, k_scale: float, eps: float, denom_min: float
+                             ) -> torch.Tensor:
+    t = None if temperature is None else temperature.reshape(-1).to(acc_dtype(q.dtype))
+    return torch.ops.effvit.linear_attention(q, k, v, t, feature_map, q_scale, k_scale, eps, denom_min)[0]
+
+
+# linear_attention's C++ kernel as TorchScript calls it (denom_min: -inf for no clamp), without argument checks,
+# backend choice or backward, which TorchScript cannot run; the reference (same arguments) without effvit._C
+script_linear_attention = registry.script_kernel(_script_linear_attention, _OPS, fallback=reference.linear_attention)

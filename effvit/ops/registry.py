@@ -1,9 +1,11 @@
 """What every family's ops module does the same way: register the fake kernels of its C++ and Triton ops, look
-up each kernel backend's registered ops once, and mark backwards that have no derivative of their own."""
+up each kernel backend's registered ops once, decide when a call needs its autograd.Function, give TorchScript
+the C++ ops, and mark backwards that have no derivative of their own."""
 
 from __future__ import annotations
 
 import functools
+import typing
 from typing import Callable
 
 import torch
@@ -25,6 +27,32 @@ def register_fakes(ops: tuple[str, ...], fakes: dict[str, Callable], triton: boo
     if triton:
         for name in ops:
             torch.library.register_fake(f"effvit::triton_{name}")(fakes[name])
+
+
+def needs_autograd(*tensors) -> bool:
+    """Whether a call must go through its family's autograd.Function: grad mode is on and an input requires grad.
+
+    Never under torch.jit.trace: the trace records the C++ op itself, a graph that can be saved and runs the fused
+    kernel (a traced autograd.Function is a Python call that cannot be exported, and the trace's own check
+    re-traces under no_grad, so recording it would also fail that check). A traced module is for inference: its
+    graph holds no backward of the op."""
+    return (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+            and not torch.jit.is_tracing())
+
+
+def script_kernel(fn: Callable, ops: tuple[str, ...], fallback: Callable | None = None) -> Callable:
+    """``fn``, a function that calls effvit::<op> for each of ``ops`` directly (what TorchScript can call), when the
+    extension has the ops. Without them: ``fallback`` (a scriptable function taking the same arguments, e.g. the
+    reference), else ``fn`` marked torch.jit.unused, so that TorchScript still compiles its callers and a call
+    raises."""
+    if _has_cpp_ops(ops):
+        return fn
+    if fallback is not None:
+        return fallback
+    # TorchScript types an unused function's stub from its annotations as objects, not the strings that
+    # `from __future__ import annotations` leaves
+    fn.__annotations__ = typing.get_type_hints(fn)
+    return torch.jit.unused(fn)
 
 
 def _eager_fast_path(launcher: Callable, op: Callable) -> Callable:

@@ -163,10 +163,6 @@ class ShiftGroupNormFunction(torch.autograd.Function):
 
 # ---- public functions ------------------------------------------------------------------------------
 
-def _needs_grad(*tensors) -> bool:
-    return any(t is not None and t.requires_grad for t in tensors) and torch.is_grad_enabled()
-
-
 def shift(x: torch.Tensor, n_div: int = 12, layout: str = "NCHW", backend: str | None = None) -> torch.Tensor:
     """ShiftViT's shift token mixer.
 
@@ -178,7 +174,7 @@ def shift(x: torch.Tensor, n_div: int = 12, layout: str = "NCHW", backend: str |
     chosen = backends.select("shift", backend, x)
     if chosen == "torch":
         return reference.shift(x, n_div, layout)
-    if not _needs_grad(x):
+    if not registry.needs_autograd(x):
         return op(chosen, "shift")(x, n_div, nhwc, False)
     return ShiftFunction.apply(x, n_div, nhwc, False, chosen)
 
@@ -211,7 +207,7 @@ def shift_group_norm(x: torch.Tensor, n_div: int, weight: torch.Tensor | None = 
         weight = x.new_ones((channels,))
     if bias is None:
         bias = x.new_zeros((channels,))
-    if not _needs_grad(x, weight, bias):
+    if not registry.needs_autograd(x, weight, bias):
         shifted, normalized, _, _ = op(chosen, "shift_group_norm")(x, n_div, weight, bias, eps, nhwc)
         return shifted, normalized
     shifted, normalized, _, _ = ShiftGroupNormFunction.apply(x, n_div, weight, bias, eps, nhwc, chosen)

@@ -10,9 +10,13 @@ Layers, bottom up:
       the scores save q, k and the per-head log-sum-exp (no N x N); the drop saves x, scores and the kept index.
   cls_attention_scores(), drop_tokens()
       check the arguments, choose the backend (effvit.backends, family "token_drop") and run.
+  script_cls_attention_scores(), script_drop_tokens()
+      the C++ ops as TorchScript calls them (effvit.nn.token_drop.drop_by_cls_attention).
 """
 
 from __future__ import annotations
+
+from typing import Tuple
 
 import torch
 
@@ -169,7 +173,7 @@ def cls_attention_scores(q: torch.Tensor, k: torch.Tensor, scale: float | None =
     chosen = backends.select("token_drop", backend, k)
     if chosen == "torch":
         return reference.cls_attention_scores(q.to(acc_dtype(q.dtype)), k.to(acc_dtype(q.dtype)), scale, num_prefix)
-    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad):
+    if registry.needs_autograd(q, k):
         return ClsAttentionScoresFunction.apply(q, k, scale, num_prefix, chosen)
     return op(chosen, "cls_attention_scores")(q, k, scale, num_prefix)[0]
 
@@ -189,6 +193,22 @@ def drop_tokens(x: torch.Tensor, scores: torch.Tensor, keep: int, num_prefix: in
     chosen = backends.select("token_drop", backend, x)
     if chosen == "torch":
         return reference.drop_tokens(x, scores, keep, num_prefix, fuse, spatial_order)
-    if torch.is_grad_enabled() and (x.requires_grad or scores.requires_grad):
+    if registry.needs_autograd(x, scores):
         return DropTokensFunction.apply(x, scores, keep, num_prefix, fuse, spatial_order, chosen)
     return op(chosen, "drop_tokens")(x, scores, keep, num_prefix, fuse, spatial_order)
+
+
+def _script_cls_attention_scores(q: torch.Tensor, k: torch.Tensor, scale: float, num_prefix: int) -> torch.Tensor:
+    return torch.ops.effvit.cls_attention_scores(q, k, scale, num_prefix)[0]
+
+
+def _script_drop_tokens(x: torch.Tensor, scores: torch.Tensor, keep: int, num_prefix: int, fuse: bool,
+                        spatial_order: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    return torch.ops.effvit.drop_tokens(x, scores, keep, num_prefix, fuse, spatial_order)
+
+
+# the C++ kernels as TorchScript calls them, without argument checks, backend choice or backward, which TorchScript
+# cannot run; the reference (same arguments) without effvit._C
+script_cls_attention_scores = registry.script_kernel(_script_cls_attention_scores, _OPS,
+                                                     fallback=reference.cls_attention_scores)
+script_drop_tokens = registry.script_kernel(_script_drop_tokens, _OPS, fallback=reference.drop_tokens)

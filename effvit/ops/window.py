@@ -10,9 +10,13 @@ Layers, bottom up:
       forward saves qkv, the output and the log-sum-exp (no attention matrix); backward recomputes it.
   window_attention()
       checks the arguments, chooses the backend (effvit.backends) and runs.
+  script_window_attention()
+      the C++ op as TorchScript calls it (effvit.nn.window.window_attention_core).
 """
 
 from __future__ import annotations
+
+from typing import List, Optional
 
 import torch
 
@@ -171,6 +175,20 @@ def window_attention(qkv: torch.Tensor, num_heads: int, window_size, shift_size=
     table = None if relative_position_bias_table is None else relative_position_bias_table.to(acc_dtype(qkv.dtype))
     pad = None if qkv_bias is None else qkv_bias.to(qkv.dtype)
     window, shift = list(window), list(shift)
-    if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (qkv, table, pad))):
+    if not registry.needs_autograd(qkv, table, pad):
         return op(chosen, "window_attention")(qkv, table, pad, num_heads, window, shift, scale)[0]
     return WindowAttentionFunction.apply(qkv, table, pad, num_heads, window, shift, scale, chosen)
+
+
+def _script_window_attention(qkv: torch.Tensor, num_heads: int, window: List[int], shift: List[int],
+                             bias_table: Optional[torch.Tensor], qkv_bias: Optional[torch.Tensor], scale: float
+                             ) -> torch.Tensor:
+    # the kernel reads the table in the accumulation dtype and the padding token's qkv in qkv's, as above
+    table = None if bias_table is None else bias_table.to(acc_dtype(qkv.dtype))
+    pad = None if qkv_bias is None else qkv_bias.to(qkv.dtype)
+    return torch.ops.effvit.window_attention(qkv, table, pad, num_heads, window, shift, scale)[0]
+
+
+# window_attention's C++ kernel (CPU or CUDA, by qkv's device) as TorchScript calls it: no argument checks, backend
+# choice or backward, which TorchScript cannot run
+script_window_attention = registry.script_kernel(_script_window_attention, _OPS)
