@@ -193,11 +193,46 @@ EFFVIT_ALWAYS_INLINE void zero_edges(const LineWalk& lw, const Line& line, T* li
   for_each_wrapped(lw, line, [&](int64_t pos) { line_start[pos * stride] = T(0); });
 }
 
+// Large copies in vector moves of the running variant's width. glibc's memcpy copies these sizes with `rep movsb`,
+// which is markedly slower than vector stores into freshly mapped pages, as every output above glibc's mmap
+// threshold is (the same speed on reused memory).
+template <int kBytes>
+EFFVIT_ALWAYS_INLINE void copy_bytes_pass(char* __restrict dst, const char* __restrict src, int64_t n) {
+  using V = typename VecN<kBytes, char>::type;
+  int64_t i = 0;
+  for (; i + kBytes <= n; i += kBytes) {
+    V v;
+    __builtin_memcpy(&v, src + i, kBytes);
+    asm("" : "+v"(v));  // a loop of plain moves, which GCC would turn back into the memcpy call
+    __builtin_memcpy(dst + i, &v, kBytes);
+  }
+  std::memcpy(dst + i, src + i, n - i);
+}
+
+#if EFFVIT_CPU_ISA_DISPATCH
+EFFVIT_TARGET_AVX512 void copy_bytes_avx512(char* dst, const char* src, int64_t n) { copy_bytes_pass<64>(dst, src, n); }
+EFFVIT_TARGET_AVX2 void copy_bytes_avx2(char* dst, const char* src, int64_t n) { copy_bytes_pass<32>(dst, src, n); }
+#endif
+
+void copy_bytes(void* dst, const void* src, int64_t n) {
+  char* d = static_cast<char*>(dst);
+  const char* s = static_cast<const char*>(src);
+#if EFFVIT_CPU_ISA_DISPATCH
+  switch (cpu::cpu_isa()) {
+    case cpu::CpuIsa::kAvx512: return copy_bytes_avx512(d, s, n);
+    case cpu::CpuIsa::kAvx2: return copy_bytes_avx2(d, s, n);
+    default: return copy_bytes_pass<16>(d, s, n);
+  }
+#else
+  std::memcpy(d, s, n);
+#endif
+}
+
 template <typename T>
 EFFVIT_ALWAYS_INLINE void copy_values(T* dst, int64_t dst_stride, const T* src, int64_t src_stride, int64_t n) {
   if (dst_stride == 1 && src_stride == 1) {
     if (n >= 256) {
-      std::memcpy(static_cast<void*>(dst), static_cast<const void*>(src), n * sizeof(T));
+      copy_bytes(static_cast<void*>(dst), static_cast<const void*>(src), n * static_cast<int64_t>(sizeof(T)));
     } else {  // short segments (pixels of channels-last tensors): no call
 #pragma omp simd
       for (int64_t j = 0; j < n; ++j) dst[j] = src[j];
