@@ -6,8 +6,8 @@
 
 Every forward op of effvit (effvit::<name> of the C++ extension and its Triton twin effvit::triton_<name>) has a
 translation into ONNX's standard operators (opset 18) that follows effvit.reference's maths: the fused kernel
-becomes the unfused computation it replaces, so the engine runs the model at its own speed, plus whatever effvit
-removed (token dropping's dropped tokens stay dropped). ``translation_table()`` is the same table for
+becomes the unfused computation it replaces, which the engine runs at its own speed, and the work effvit removes
+stays removed (token dropping's dropped tokens stay dropped). ``translation_table()`` is the same table for
 ``torch.onnx.export(..., dynamo=True, custom_translation_table=...)``. The backward ops have no translation
 (ONNX graphs are inference graphs); an effvit op without one raises UntranslatableOpError naming it.
 
@@ -300,8 +300,6 @@ def translation_table() -> dict:
     """{effvit op overload: its ONNX translation} for every registered effvit forward op (C++ and Triton), to pass
     as torch.onnx.export(..., dynamo=True, custom_translation_table=effvit.onnx.translation_table())."""
     _require_onnx()
-    import effvit.ops  # noqa: F401  registers the Triton custom ops and every fake kernel
-
     table = {}
     for name, translation in TRANSLATIONS.items():
         for registered in (name, f"triton_{name}"):
