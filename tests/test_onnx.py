@@ -14,7 +14,7 @@ from effvit.ops import shift as shift_ops
 from effvit.ops import token_drop as token_drop_ops
 from effvit.ops import window as window_ops
 
-from conftest import requires_ext
+from conftest import kernel_backends, requires_ext
 from deploy_models import FULL, SMALL, VIT_DROP_SMALL, build, images
 
 pytest.importorskip("onnxscript")
@@ -157,6 +157,35 @@ def test_op_translation(name, seed):
         assert len(outs) == len(expected)
         for i, (out, ref) in enumerate(zip(outs, expected)):
             assert onnx_error(out, ref) <= TOLERANCE, f"{name}: output {i}, batch {batch}"
+
+
+TRITON_CASES = {
+    "window_attention": (lambda qkv: effvit.window_attention(qkv, 2, (2, 3), 1, backend="triton"),
+                         lambda b: (torch.randn(b, 5, 7, 3 * 16),)),
+    "linear_attention": (lambda q, k, v: effvit.linear_attention(q, k, v, "relu", eps=1e-5, backend="triton"),
+                         lambda b: tuple(torch.randn(b, 2, 20, 8) for _ in range(3))),
+    "drop_tokens": (lambda x, s: effvit.drop_tokens(x, s, 12, 1, True, backend="triton"),
+                    lambda b: (torch.randn(b, 20, 16), torch.rand(b, 19))),
+}
+
+
+@pytest.mark.parametrize("name", TRITON_CASES)
+def test_triton_op_translation(name, seed):
+    """A model whose ops run on the Triton backend exports effvit::triton_<op>, which shares the C++ op's
+    translation."""
+    family = {"window_attention": "window", "linear_attention": "linear", "drop_tokens": "token_drop"}[name]
+    if "triton" not in kernel_backends("cpu", family):
+        pytest.skip("the Triton backend cannot run on CPU tensors here (Triton missing or TRITON_INTERPRET unset)")
+    call, make_inputs = TRITON_CASES[name]
+    module = OpModule(call).eval()
+    inputs = make_inputs(2)
+    assert effvit.onnx.effvit_ops(torch.export.export(module, inputs)) == [f"effvit::triton_{name}"]
+    sess = session(effvit.onnx.export(module, inputs))
+    with torch.no_grad():
+        expected = module(*inputs)
+    expected = expected if isinstance(expected, tuple) else (expected,)
+    for i, (out, ref) in enumerate(zip(run_session(sess, inputs), expected)):
+        assert onnx_error(out, ref) <= TOLERANCE, f"{name}: output {i}"
 
 
 def test_translation_table_covers_every_forward_op():
