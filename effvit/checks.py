@@ -278,3 +278,15 @@ def check_drop_tokens(x, scores, keep, num_prefix) -> tuple[int, int]:
     if not 1 <= keep <= N - num_prefix:
         raise ValueError(f"keep must be in [1, N - num_prefix] = [1, {N - num_prefix}], got {keep}")
     return keep, num_prefix
+
+
+def at_least(size, limit: int) -> bool:
+    """size >= limit, for a kernel's size limit. A symbolic size (a dynamic batch under torch.export or
+    torch.compile(dynamic=True)) counts as below the limit unless it provably is not: deciding it would add a guard
+    that bounds the dynamic dimension (torch.export rejects the program), and the kernels that index in 32 bits
+    check their sizes again when they run."""
+    if isinstance(size, torch.SymInt):
+        from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+        return statically_known_true(size >= limit)
+    return size >= limit

@@ -18,6 +18,7 @@ from typing import Callable, Iterator
 import torch
 
 from effvit import backends
+from effvit.bench import engines
 
 # An implementation: a builder that returns the step to time, step(*inputs), which runs the forward
 # (or the forward and backward) and returns nothing. Building may compile (torch.compile peers).
@@ -179,10 +180,11 @@ def timm_model_case(family: str, B: int, model_name: str, img: int, gflops: floa
                     extra_peers: dict[str, Callable] | None = None, extra_skipped: dict | None = None,
                     params: dict | None = None, title: str | None = None) -> Case:
     """Images/s of timm's ``model_name`` (random weights) patched by effvit.patch.timm(**patch_kwargs) with each
-    backend, against the unpatched model ("eager"). ``probe_shape`` / ``probe_args``: what the family's capability
-    checks read; ``extra_peers``: more peers, {name: fn(model, images)}; gflops: the unpatched forward's. The model
-    is made when the first implementation is built, not when the case is listed. ``title``: the case's name in
-    reports (default ``model_name``)."""
+    backend, against the unpatched model ("eager") and, on CPU, both models exported into ONNX engines
+    (effvit.bench.engines). ``probe_shape`` / ``probe_args``: what the family's capability checks read;
+    ``extra_peers``: more peers, {name: fn(model, images)}; gflops: the unpatched forward's. The model is made when
+    the first implementation is built, not when the case is listed. ``title``: the case's name in reports (default
+    ``model_name``)."""
     device, backward = opts.device, direction == "fwd+bwd"
     impls, skipped = {}, {}
 
@@ -198,16 +200,17 @@ def timm_model_case(family: str, B: int, model_name: str, img: int, gflops: floa
     def step(fn_of_model):
         return lambda: timed_step(fn_of_model(model()), backward, (B, 1000), device, dtype)
 
+    def patch(m, backend=None):
+        import effvit
+
+        return effvit.patch.timm(copy.deepcopy(m), backend=backend, **(patch_kwargs or {}))
+
     why = timm_unavailable()
     if why:
         skipped["all"] = why
     else:
         def patched(backend):
-            def patch(m):
-                import effvit
-
-                return effvit.patch.timm(copy.deepcopy(m), backend=backend, **(patch_kwargs or {}))
-            return step(patch)
+            return step(functools.partial(patch, backend=backend))
 
         impls, skipped = kernel_impls(family, torch.empty(probe_shape, device=device, dtype=dtype), opts.backends,
                                       patched, args=probe_args)
@@ -217,6 +220,10 @@ def timm_model_case(family: str, B: int, model_name: str, img: int, gflops: floa
                 impls[name] = step(lambda m, fn=fn: functools.partial(fn, m))
             skipped["compile"] = "torch.compile of the whole model is left out (minutes of compilation)"
             skipped.update(extra_skipped or {})
+            engines.add_engine_peers(
+                impls, skipped, {"": model, "effvit:": lambda: patch(model())},
+                lambda run: lambda: timed_step(run(), backward, (B, 1000), device, dtype),
+                lambda: make_inputs()[0], device, dtype, direction)
     return Case(family=family, op="model", params=params or {"B": B, "model": model_name, "img": img}, dtype=dtype,
                 device=device, direction=direction, make_inputs=make_inputs, impls=impls, skipped=skipped, bytes=0.0,
                 flops=gflops * 1e9 * B * (3 if backward else 1), input_bytes=B * 3 * img * img * element_size(dtype),

@@ -72,7 +72,7 @@ def op(backend: str, name: str):
 # select() passes (head_dim, window_size) after the input.
 
 def _int32_limit(x: torch.Tensor, head_dim: int, ws: int) -> str | None:
-    if 3 * x.numel() >= 2**31:
+    if checks.at_least(3 * x.numel(), 2**31):
         return f"the input has {x.numel()} values; the kernels index q, k and v with 32 bits"
     return None
 

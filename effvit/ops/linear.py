@@ -29,6 +29,10 @@ from effvit.reference import linear as reference
 
 _OPS = ("linear_attention", "linear_attention_backward")
 
+# "No clamp" as the lowest float32 rather than -inf: AOTInductor's proxy executor stores a non-finite float argument
+# of a custom op as a JSON string and then fails to load the package; max(den, -FLT_MAX) is den for any finite den.
+NO_CLAMP = -torch.finfo(torch.float32).max
+
 
 # ---- fake kernels ---------------------------------------------------------------------------------------
 
@@ -81,7 +85,7 @@ def op(backend: str, name: str):
 # ---- what each backend supports (select() passes (head_dim, value_dim) after q) --------------------------
 
 def _int32_limit(q: torch.Tensor, head_dim: int, value_dim: int) -> str | None:
-    if q.numel() >= 2**31:
+    if checks.at_least(q.numel(), 2**31):
         return f"q has {q.numel()} values; the kernels index up to 2**31 - 1"
     return None
 
@@ -175,7 +179,7 @@ def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, feature_
         return reference.linear_attention(q, k, v, temperature, feature_map, q_scale, k_scale, eps,
                                           None if math.isinf(denom_min) else denom_min)
     t = None if temperature is None else temperature.reshape(-1).to(acc_dtype(q.dtype))
-    args = (feature_map, q_scale, k_scale, eps, denom_min)
+    args = (feature_map, q_scale, k_scale, eps, NO_CLAMP if math.isinf(denom_min) and denom_min < 0 else denom_min)
     if registry.needs_autograd(q, k, v, t):
         return LinearAttentionFunction.apply(q, k, v, t, *args, chosen)
     return op(chosen, "linear_attention")(q, k, v, t, *args)[0]

@@ -96,7 +96,7 @@ def op(backend: str, name: str):
 # ---- what each backend supports ---------------------------------------------------------------------------
 
 def _int32_limit(t: torch.Tensor) -> str | None:
-    if t.numel() >= 2**31:
+    if checks.at_least(t.numel(), 2**31):
         return f"the input has {t.numel()} values; the kernels index up to 2**31 - 1"
     return None
 
