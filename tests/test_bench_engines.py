@@ -8,15 +8,14 @@ import pytest
 import torch
 
 import effvit
-from effvit.bench import engines, token_drop_suite
-from effvit.bench.cases import SuiteOptions
+from effvit.bench import cases, engines
 
 from conftest import requires_ext
 
 
 def model_case(**options):
-    opts = SuiteOptions(shapes=("vit_small_patch16_224",), batches=(8,), **options)
-    (case,) = list(token_drop_suite.build(opts))
+    opts = cases.SuiteOptions(shapes=("vit_small_patch16_224",), batches=(8,), **options)
+    (case,) = list(cases.suites()["token_drop"](opts))   # suites() loads every family, as effvit-bench does
     return case
 
 
