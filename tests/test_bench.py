@@ -408,3 +408,12 @@ def test_cuda_home_warning_is_silenced():
     finally:
         logger.removeHandler(handler)
     assert stream.getvalue() == "another warning\n"
+
+
+def test_suites_load_every_family_after_one_suite_module():
+    """Importing one family's suite module first (as a test or a notebook may) still leaves every family listed."""
+    code = ("import effvit.bench.token_drop_suite\nfrom effvit.bench import cases\n"
+            "print(sorted(cases.suites()))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split("\n")[-2] == str(sorted(["hilo", "linear", "shift", "token_drop", "window"]))

@@ -85,8 +85,8 @@ def shapes(family: str) -> dict[str, dict]:
 
 
 def _load_families() -> None:
-    if not _SUITES:
-        from effvit.bench import hilo_suite, linear_suite, shift_suite, token_drop_suite, window_suite  # noqa: F401
+    # every family's module, whatever was imported before (a suite module imported alone registers only itself)
+    from effvit.bench import hilo_suite, linear_suite, shift_suite, token_drop_suite, window_suite  # noqa: F401
 
 
 def kernel_impls(family: str, x: torch.Tensor, wanted: tuple[str, ...] | None, factory,
