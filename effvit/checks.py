@@ -280,6 +280,16 @@ def check_drop_tokens(x, scores, keep, num_prefix) -> tuple[int, int]:
     return keep, num_prefix
 
 
+INDEX_LIMIT = 2**31   # the kernels index with 32-bit integers: up to INDEX_LIMIT - 1
+
+
+def index_limit(name: str, values) -> str | None:
+    """Why kernels that index with 32 bits cannot take ``values`` elements of ``name``, or None when they can."""
+    if at_least(values, INDEX_LIMIT):
+        return f"{name} has {values} values; the kernels index up to 2**31 - 1"
+    return None
+
+
 def at_least(size, limit: int) -> bool:
     """size >= limit, for a kernel's size limit. A symbolic size (a dynamic batch under torch.export or
     torch.compile(dynamic=True)) counts as below the limit unless it provably is not: deciding it would add a guard

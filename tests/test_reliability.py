@@ -327,3 +327,17 @@ def test_patch_drop_loc_errors_name_it():
         effvit.patch.timm(model, drop_loc=(7,))
     effvit.patch.timm(model, drop_loc=(np.int64(1),))
     assert model.token_drop.drop_loc == (1,)
+
+
+def test_declared_index_limit_refuses_2_31_values():
+    """Past 2**31 - 1 values the kernels that index with 32 bits say so (checks.INDEX_LIMIT, one definition)."""
+    from effvit import checks
+
+    big = torch.zeros(1).expand(checks.INDEX_LIMIT).view(1, 1, checks.INDEX_LIMIT, 1)   # no memory: stride 0
+    cases = {"linear": (big, 1, 1), "window": (big.view(1, 1, 4, 2**29), 1, 1, 0),
+             "token_drop": (big,), "hilo": (big.view(1, checks.INDEX_LIMIT, 1), 1, 1)}
+    for family, args in cases.items():
+        reasons = effvit.explain(family, *args)["cpu"]
+        assert any("index" in r and "2**31 - 1" in r for r in reasons), (family, reasons)
+        below = effvit.explain(family, torch.zeros(1).expand(16).view(*([1] * (args[0].dim() - 1)), 16), *args[1:])
+        assert not any("2**31" in r for r in below["cpu"]), (family, below)

@@ -72,9 +72,7 @@ def op(backend: str, name: str):
 # select() passes (head_dim, window_size) after the input.
 
 def _int32_limit(x: torch.Tensor, head_dim: int, ws: int) -> str | None:
-    if checks.at_least(3 * x.numel(), 2**31):
-        return f"the input has {x.numel()} values; the kernels index q, k and v with 32 bits"
-    return None
+    return checks.index_limit("the input's q, k and v together", 3 * x.numel())
 
 
 def _gpu_limits(x: torch.Tensor, head_dim: int, ws: int) -> str | None:

@@ -85,9 +85,7 @@ def op(backend: str, name: str):
 # ---- what each backend supports (select() passes (head_dim, value_dim) after q) --------------------------
 
 def _int32_limit(q: torch.Tensor, head_dim: int, value_dim: int) -> str | None:
-    if checks.at_least(q.numel(), 2**31):
-        return f"q has {q.numel()} values; the kernels index up to 2**31 - 1"
-    return None
+    return checks.index_limit("q", q.numel())
 
 
 def _gpu_limits(q: torch.Tensor, head_dim: int, value_dim: int) -> str | None:

@@ -91,7 +91,7 @@ def _grid_limit(x: torch.Tensor, *args) -> str | None:
     if checks.at_least(x.shape[0], 65536):
         return f"batch size {x.shape[0]} exceeds the GPU grid limit of 65535 samples per call"
     per_sample = x[0].numel() if x.shape[0] else 0
-    if checks.at_least(per_sample, 2**31):
+    if checks.at_least(per_sample, checks.INDEX_LIMIT):
         return f"one sample has {per_sample} values; the GPU kernels index up to 2**31 - 1 per sample"
     return None
 
@@ -99,7 +99,7 @@ def _grid_limit(x: torch.Tensor, *args) -> str | None:
 def _triton_limits(x: torch.Tensor, *args) -> str | None:
     """The Triton kernels index within a sample in int32."""
     span = sum((n - 1) * abs(s) for n, s in zip(x.shape[1:], x.stride()[1:]) if n > 0)
-    if checks.at_least(span, 2**31):
+    if checks.at_least(span, checks.INDEX_LIMIT):
         return f"one sample spans {span} elements in memory; the Triton kernels index up to 2**31 - 1"
     return _grid_limit(x)
 

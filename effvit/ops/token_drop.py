@@ -96,9 +96,7 @@ def op(backend: str, name: str):
 # ---- what each backend supports ---------------------------------------------------------------------------
 
 def _int32_limit(t: torch.Tensor) -> str | None:
-    if checks.at_least(t.numel(), 2**31):
-        return f"the input has {t.numel()} values; the kernels index up to 2**31 - 1"
-    return None
+    return checks.index_limit("the input", t.numel())
 
 
 FAMILY = backends.register_family(

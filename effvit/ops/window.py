@@ -91,9 +91,7 @@ def _head_dim(qkv: torch.Tensor, num_heads: int) -> int:
 
 
 def _int32_limit(qkv: torch.Tensor, *args) -> str | None:
-    if checks.at_least(qkv.numel(), 2**31):
-        return f"qkv has {qkv.numel()} values; the kernels index up to 2**31 - 1"
-    return None
+    return checks.index_limit("qkv", qkv.numel())
 
 
 def _gpu_limits(qkv: torch.Tensor, num_heads: int, window, shift) -> str | None:
